@@ -1,0 +1,5 @@
+import sys
+
+from raydiff.cli import main
+
+sys.exit(main())

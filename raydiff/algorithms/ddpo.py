@@ -1,0 +1,138 @@
+r"""DDPO: PPO on the denoising MDP (Black et al., arXiv 2305.13301; kvablack/ddpo-pytorch).
+
+Each DDIM step with η = 1 is a Gaussian policy π_θ(x_{t-1} | x_t, c). With the
+trajectory's reward r(x_0, c) and per-prompt normalised advantage
+
+    A = clip((r − μ_c) / (σ_c + 1e-6), −A_max, A_max)
+
+(μ_c, σ_c over the last `stat_buffer_size` rewards of prompt c once it has
+`stat_min_count` of them, the batch's statistics until then), the loss per step is
+
+    L_t = max(−A ρ_t, −A clip(ρ_t, 1 − ε, 1 + ε)),   ρ_t = exp(log π_θ − log π_old),
+
+averaged over the batch and accumulated over the trained timesteps into one
+optimiser step per minibatch. log π is averaged over C·H·W (as the reference).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from raydiff.algorithms.base import Algorithm
+from raydiff.config_base import Section
+from raydiff.types import Trajectory
+
+
+class AsyncAlgorithmConfig(Section):
+    """Fields every rollout-based (async) algorithm shares with the learner loop."""
+
+    train_batch_size: int = Field(8, ge=1, description="Trajectories per minibatch per learner worker (one optimiser step each).")
+    num_inner_epochs: int = Field(1, ge=1, description="Passes over each epoch's trajectories (ddpo-pytorch: 1).")
+    timestep_fraction: float = Field(1.0, gt=0, le=1, description="Fraction of the T steps trained per minibatch (random subset).")
+
+
+class Config(AsyncAlgorithmConfig):
+    name: Literal["ddpo"] = Field("ddpo", description="Algorithm name.")
+    clip_range: float = Field(1e-4, gt=0, description="PPO clip ε on the per-step ratio (ddpo-pytorch: 1e-4).")
+    adv_clip_max: float = Field(5.0, gt=0, description="Advantages are clipped to ±this.")
+    per_prompt_stat_tracking: bool = Field(True, description="Normalise rewards per prompt (else over the batch).")
+    stat_buffer_size: int = Field(16, ge=1, description="Rewards kept per prompt for its mean/std.")
+    stat_min_count: int = Field(16, ge=1, description="Rewards a prompt needs before its own statistics are used.")
+
+
+class PerPromptStats:
+    """Running per-prompt reward statistics; prompts with too few rewards use the batch's."""
+
+    def __init__(self, buffer_size: int, min_count: int):
+        self.buffer_size, self.min_count = buffer_size, min_count
+        self.buffers: dict[str, deque] = defaultdict(lambda: deque(maxlen=buffer_size))
+
+    def advantages(self, prompts: list[str], rewards: np.ndarray) -> np.ndarray:
+        rewards = np.asarray(rewards, np.float64)
+        out = np.empty_like(rewards)
+        g_mean, g_std = rewards.mean(), rewards.std()
+        prompts_arr = np.array(prompts, dtype=object)
+        for p in set(prompts):
+            mask = prompts_arr == p
+            self.buffers[p].extend(rewards[mask].tolist())
+            buf = np.asarray(self.buffers[p])
+            mean, std = (buf.mean(), buf.std()) if len(buf) >= self.min_count else (g_mean, g_std)
+            out[mask] = (rewards[mask] - mean) / (std + 1e-6)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"buffers": {p: list(b) for p, b in self.buffers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffers.clear()
+        for p, vals in state["buffers"].items():
+            self.buffers[p].extend(vals)
+
+
+def ppo_clipped_loss(log_prob, old_log_prob, advantages, clip_range, weights=None):
+    """Clipped PPO surrogate (to minimise) and its statistics; inputs (N,)."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    per_sample = torch.maximum(unclipped, clipped)
+    loss = (per_sample * weights).mean() if weights is not None else per_sample.mean()
+    with torch.no_grad():
+        stats = {
+            "approx_kl": 0.5 * ((log_prob - old_log_prob) ** 2).mean().item(),
+            "clipfrac": (torch.abs(ratio - 1.0) > clip_range).float().mean().item(),
+            "ratio_mean": ratio.mean().item(),
+            "ratio_max_dev": (ratio - 1.0).abs().max().item(),
+        }
+    return loss, stats
+
+
+class DDPO(Algorithm):
+    config_cls = Config
+
+    def __init__(self, config: Config, sampling):
+        super().__init__(config, sampling)
+        self.stats = PerPromptStats(config.stat_buffer_size, config.stat_min_count)
+
+    def trained_steps(self, num_steps: int) -> int:
+        return max(1, int(round(num_steps * self.config.timestep_fraction)))
+
+    def micro_steps_per_update(self, batch_size: int, num_steps: int) -> int:
+        return self.trained_steps(num_steps)
+
+    def prepare(self, batch: Trajectory) -> Trajectory:
+        if self.config.per_prompt_stat_tracking:
+            adv = self.stats.advantages(batch.prompts, batch.rewards)
+        else:
+            r = np.asarray(batch.rewards, np.float64)
+            adv = (r - r.mean()) / (r.std() + 1e-6)
+        batch.advantages = torch.as_tensor(adv, dtype=torch.float32)
+        return batch
+
+    def train_step(self, policy, optimizer, batch: Trajectory, rng: torch.Generator) -> dict[str, float]:
+        T = batch.log_probs.shape[1]
+        steps = torch.randperm(T, generator=rng)[: self.trained_steps(T)].tolist()
+        adv = batch.advantages.clamp(-self.config.adv_clip_max, self.config.adv_clip_max).to(policy.device)
+        weights = batch.weights.to(policy.device) if batch.weights is not None else None
+        totals: dict[str, float] = defaultdict(float)
+        for j in steps:
+            log_prob = policy.log_prob(batch, j)
+            loss, stats = ppo_clipped_loss(log_prob, batch.log_probs[:, j].to(policy.device), adv, self.config.clip_range, weights)
+            optimizer.backward(loss)
+            totals["loss"] += loss.item() / len(steps)
+            for k, v in stats.items():
+                totals[k] = max(totals[k], v) if k == "ratio_max_dev" else totals[k] + v / len(steps)
+        return dict(totals)
+
+    def state_dict(self) -> dict:
+        return {"per_prompt_stats": self.stats.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stats.load_state_dict(state["per_prompt_stats"])
+
+
+ALGORITHM = DDPO

@@ -1,0 +1,34 @@
+"""Algorithms by name. Adding one: write `algorithms/<name>.py` with a `Config`
+(a Section whose `name: Literal["<name>"]`) and an `Algorithm` subclass, then list it in `_MODULES`."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Annotated, Union
+
+from pydantic import Field
+
+_MODULES = ["raydiff.algorithms.ddpo"]
+_ALGORITHMS = {}
+for _mod_name in _MODULES:
+    _mod = importlib.import_module(_mod_name)
+    _ALGORITHMS[_mod.Config.model_fields["name"].default] = _mod.ALGORITHM
+
+_configs = tuple(a.config_cls for a in _ALGORITHMS.values())
+if len(_configs) == 1:
+    AlgorithmConfig = _configs[0]
+else:  # tagged union: `algorithm.name` picks the class, errors name the algorithm
+    AlgorithmConfig = Annotated[Union[_configs], Field(discriminator="name")]
+
+
+def default_algorithm_config():
+    return _configs[0]()
+
+
+def algorithm_names() -> list[str]:
+    return sorted(_ALGORITHMS)
+
+
+def make_algorithm(config, sampling):
+    """Instantiate the algorithm that `config.name` names."""
+    return _ALGORITHMS[config.name](config, sampling)

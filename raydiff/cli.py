@@ -1,0 +1,42 @@
+"""`raydiff` console script: train, make-tiny, serve-rewards."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _make_tiny(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="raydiff make-tiny", description="Build a tiny random-weight diffusers model, offline.")
+    p.add_argument("--kind", choices=["sd", "sdxl"], default="sd")
+    p.add_argument("dir", help="output folder")
+    args = p.parse_args(argv)
+    from raydiff.models.tiny import build_tiny
+
+    print(build_tiny(args.kind, args.dir))
+    return 0
+
+
+def _serve_rewards(argv: list[str]) -> int:
+    from raydiff.rewards.serve import main as serve_main
+
+    return serve_main(argv) or 0
+
+
+COMMANDS = {
+    "train": lambda argv: __import__("raydiff.train", fromlist=["main"]).main(argv),
+    "make-tiny": _make_tiny,
+    "serve-rewards": _serve_rewards,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(f"usage: raydiff {{{','.join(COMMANDS)}}} [args...]", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

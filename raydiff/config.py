@@ -1,0 +1,145 @@
+"""The run config: one typed schema, defaults in one place, YAML and `key=value` only override.
+
+`load_config("configs/tiny_ddpo.yaml", ["sampling.num_steps=4"])` returns a
+validated `RunConfig` or raises `ConfigError` naming the field and the fix.
+Sections that belong to one component (reward service, algorithm) are defined
+next to that component and imported here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from raydiff.algorithms.registry import AlgorithmConfig, default_algorithm_config
+from raydiff.config_base import ConfigError, Section, apply_override, build, load_yaml, parse_override
+
+__all__ = ["RunConfig", "ConfigError", "load_config"]
+
+
+class LoraSection(Section):
+    rank: int = Field(4, ge=1, description="LoRA rank r (ddpo-pytorch and DAG use 4).")
+    alpha: float = Field(4.0, gt=0, description="LoRA alpha; the update is scaled by alpha/rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        description="UNet module names that get LoRA adapters (attention projections by default).",
+    )
+
+
+class ModelSection(Section):
+    path: str = Field("tiny://sd", description="Hub id, local diffusers folder, or tiny://sd | tiny://sdxl (random tiny model, built offline).")
+    kind: Literal["auto", "sd", "sdxl"] = Field("auto", description="Model family; auto reads it from the folder (two text encoders = sdxl).")
+    revision: Optional[str] = Field(None, description="Hub revision when `path` is a hub id.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="Weights dtype for frozen parts; auto = float32 on CPU, bfloat16 on GPU. Log-probs are always float32.")
+    resolution: Optional[int] = Field(None, ge=8, description="Image side in pixels; None = the model's default (unet.sample_size x vae scale).")
+    finetune: Literal["lora", "full"] = Field("lora", description="Train LoRA adapters (peft) or all UNet weights.")
+    lora: LoraSection = Field(default_factory=LoraSection, description="LoRA shape, used when finetune=lora.")
+    gradient_checkpointing: bool = Field(False, description="Recompute UNet activations in backward to save memory.")
+    attention: Literal["sdpa", "default"] = Field("sdpa", description="Attention kernel: PyTorch SDPA or diffusers' default processor.")
+
+
+class SamplingSection(Section):
+    num_steps: int = Field(50, ge=1, description="DDIM steps per image (ddpo-pytorch: 50).")
+    guidance_scale: float = Field(5.0, ge=0, description="Classifier-free guidance scale; <= 1 disables the unconditional branch.")
+    eta: float = Field(1.0, ge=0, description="DDIM eta; 1.0 makes every step Gaussian (required for log-probs, 0 gives NaN).")
+    batch_size: int = Field(8, ge=1, description="Images per rollout call per rollout worker.")
+    negative_prompt: str = Field("", description="Prompt for the unconditional CFG branch.")
+
+
+class PromptsSection(Section):
+    source: str = Field("simple_animals", description="Packaged set name (simple_animals, activities, geneval, parti) or a .txt/.jsonl/.csv/.parquet path.")
+    column: str = Field("prompt", description="Column holding the prompt in JSONL/CSV/Parquet files.")
+    limit: Optional[int] = Field(None, ge=1, description="Use only the first N prompts.")
+
+
+class RewardComponent(Section):
+    name: str = Field(..., description="Reward name from the registry (brightness, jpeg_compressibility, aesthetic, clip_score, ...).")
+    weight: float = Field(1.0, description="Weight of this component in the summed reward.")
+    args: dict = Field(default_factory=dict, description="Keyword arguments of the reward (e.g. path to weights).")
+
+
+class RewardSection(Section):
+    backend: Literal["local", "serve"] = Field("local", description="Score in-process (local) or through Ray Serve deployment handles (serve).")
+    components: list[RewardComponent] = Field(
+        default_factory=lambda: [RewardComponent(name="brightness")],
+        description="Rewards to mix; the training reward is the weighted sum.",
+    )
+    serve_app: str = Field("raydiff-rewards", description="Ray Serve application name used when backend=serve.")
+
+
+class RolloutSection(Section):
+    num_workers: int = Field(1, ge=1, description="Number of RolloutWorker actors.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per rollout worker.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per rollout worker.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per rollout worker (e.g. {rollout: 1}) to pin it to a node type.")
+    max_restarts: int = Field(3, ge=0, description="Times Ray restarts a crashed rollout worker; its lost batch is re-issued.")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads per rollout worker on CPU.")
+
+
+class LearnerSection(Section):
+    num_workers: int = Field(1, ge=1, description="Data-parallel learner workers (Ray Train).")
+    use_gpu: bool = Field(False, description="One GPU per learner worker.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per learner worker.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per learner worker.")
+    zero_stage: Literal[0, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (0 = plain data parallel).")
+    deepspeed: dict = Field(default_factory=dict, description="Raw DeepSpeed JSON merged over the generated one.")
+    learning_rate: float = Field(3e-4, gt=0, description="AdamW learning rate (ddpo-pytorch: 3e-4).")
+    adam_beta1: float = Field(0.9, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, description="AdamW beta2.")
+    adam_eps: float = Field(1e-8, description="AdamW epsilon.")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads per learner worker on CPU.")
+
+
+class TrainSection(Section):
+    num_epochs: int = Field(100, ge=1, description="Sample-then-train rounds; each makes one new policy version.")
+    batches_per_epoch: int = Field(1, ge=1, description="Rollout batches (of sampling.batch_size per worker) gathered per epoch.")
+    seed: int = Field(0, description="Seed for prompts, noise and dropout; each rollout worker derives its own stream.")
+    max_staleness: int = Field(0, ge=0, description="Max policy versions a batch may lag the learner; 0 = synchronous on-policy.")
+    stale_policy: Literal["drop", "keep"] = Field("drop", description="Batches older than max_staleness: drop and re-sample, or keep with a damped weight.")
+    stale_weight: float = Field(0.5, gt=0, le=1, description="With stale_policy=keep: weight per version beyond max_staleness.")
+
+
+class OutputSection(Section):
+    run_dir: str = Field("runs/${name}", description="Run directory; ${name} is replaced by `name`.")
+    checkpoint_every: int = Field(10, ge=0, description="Save a checkpoint every N epochs (0 = only at the end).")
+    resume: str = Field("never", description="never | auto (latest complete checkpoint in run_dir) | a checkpoint path.")
+    image_grid_every: int = Field(1, ge=0, description="Write a grid of samples every N epochs (0 = never).")
+    tensorboard: bool = Field(True, description="Write TensorBoard event files next to metrics.jsonl.")
+    progress: bool = Field(True, description="Show progress bars.")
+
+
+class RunConfig(Section):
+    name: str = Field("raydiff", description="Run name, used in the run directory and logs.")
+    model: ModelSection = Field(default_factory=ModelSection, description="Diffusion model to post-train.")
+    sampling: SamplingSection = Field(default_factory=SamplingSection, description="How rollouts sample images.")
+    prompts: PromptsSection = Field(default_factory=PromptsSection, description="Training prompts.")
+    reward: RewardSection = Field(default_factory=RewardSection, description="Reward mix and where it is scored.")
+    algorithm: AlgorithmConfig = Field(default_factory=default_algorithm_config, description="Algorithm and its hyperparameters; `name` selects it.")
+    rollout: RolloutSection = Field(default_factory=RolloutSection, description="Rollout actors.")
+    learner: LearnerSection = Field(default_factory=LearnerSection, description="Learner workers and optimiser.")
+    train: TrainSection = Field(default_factory=TrainSection, description="Training schedule.")
+    output: OutputSection = Field(default_factory=OutputSection, description="Run directory, checkpoints, logging.")
+    ray_address: Optional[str] = Field(None, description="Ray cluster to join; None = RAY_ADDRESS or an embedded local cluster.")
+
+    @property
+    def run_dir(self) -> str:
+        return self.output.run_dir.replace("${name}", self.name)
+
+
+def load_config(path: Optional[str] = None, overrides: list[str] = ()) -> RunConfig:
+    """Load YAML (optional), apply `key.sub=value` overrides, validate."""
+    data = load_yaml(path) if path else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(data, keys, value)
+    return build(RunConfig, data)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,86 @@
+"""Learner: runs an algorithm's updates on trajectory batches and publishes weights.
+
+A plain class, hosted as a Ray actor (one worker) or inside Ray Train workers
+(data parallel, with a DeepSpeed stepper). It never looks at the algorithm's
+name: it shuffles, cuts minibatches and hands them to `algorithm.train_step`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from raydiff.algorithms.registry import make_algorithm
+from raydiff.engine.optim import TorchStepper
+from raydiff.engine.policy import Policy
+from raydiff.models.loader import load_model
+from raydiff.models.lora import export_weights, load_trainable_state_dict, state_checksum, trainable_state_dict
+from raydiff.types import Trajectory
+
+
+class Learner:
+    def __init__(self, cfg, rank: int = 0, world_size: int = 1, stepper_factory=None):
+        torch.set_num_threads(cfg.learner.torch_threads)
+        device = "cuda" if cfg.learner.use_gpu and torch.cuda.is_available() else "cpu"
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        torch.manual_seed(cfg.train.seed)  # identical LoRA init on every rank and in every rollout worker
+        self.model = load_model(cfg.model, device)
+        self.algorithm = make_algorithm(cfg.algorithm, cfg.sampling)
+        self.policy = Policy(self.model)
+        params = self.model.trainable_parameters()
+        factory = stepper_factory or (lambda params, cfg_l, acc: TorchStepper(params, cfg_l, acc))
+        self.stepper = factory(params, cfg.learner, 1)
+        self.version = 0
+        self.rng = torch.Generator().manual_seed(cfg.train.seed * 1009 + rank)
+
+    def ready(self) -> int:
+        return self.rank
+
+    def train(self, batch: Trajectory) -> dict[str, float]:
+        """All inner epochs over `batch` (this worker's shard); bumps the policy version once."""
+        t0 = time.perf_counter()
+        acfg = self.algorithm.config
+        mb = min(acfg.train_batch_size, len(batch))
+        self.stepper.set_accumulation(self.algorithm.micro_steps_per_update(mb, batch.log_probs.shape[1]))
+        sums: dict[str, float] = defaultdict(float)
+        count = 0
+        self.model.unet.train()
+        for _ in range(acfg.num_inner_epochs):
+            perm = torch.randperm(len(batch), generator=self.rng)
+            for start in range(0, len(batch) - mb + 1, mb):
+                metrics = self.algorithm.train_step(self.policy, self.stepper, batch.index(perm[start:start + mb]), self.rng)
+                for k, v in metrics.items():
+                    sums[k] += v
+                count += 1
+        self.model.unet.eval()
+        self.version += 1
+        out = {f"train/{k}": v / max(count, 1) for k, v in sums.items()}
+        out.update({"train/grad_norm": self.stepper.last_grad_norm, "train/optimizer_steps": self.stepper.global_step,
+                    "time/learner_step_s": time.perf_counter() - t0})
+        return out
+
+    def publish(self) -> dict:
+        """{version, state, checksum} of the trainable weights, for rollout workers."""
+        state = trainable_state_dict(self.model.unet)
+        return {"version": self.version, "state": state, "checksum": state_checksum(state)}
+
+    def save(self, directory: str) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        torch.save({
+            "weights": trainable_state_dict(self.model.unet),
+            "stepper": self.stepper.state_dict(),
+            "version": self.version,
+            "rng": self.rng.get_state(),
+        }, d / "learner.pt")
+        export_weights(self.model, d / "export")
+
+    def load(self, directory: str) -> None:
+        state = torch.load(Path(directory) / "learner.pt", weights_only=False)
+        load_trainable_state_dict(self.model.unet, state["weights"])
+        self.stepper.load_state_dict(state["stepper"])
+        self.version = state["version"]
+        self.rng.set_state(state["rng"])

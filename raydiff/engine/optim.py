@@ -1,0 +1,54 @@
+"""Optimiser steppers: the learner's one interface to "apply this loss".
+
+Algorithms call `stepper.backward(loss)` once per micro-step; the stepper scales
+by 1/accumulation, and at each accumulation boundary clips, steps and zeroes.
+`TorchStepper` is plain AdamW in one process; `raydiff.engine.deepspeed_stepper`
+implements the same interface over a DeepSpeed ZeRO engine across workers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class TorchStepper:
+    """AdamW with gradient accumulation and clipping, single process."""
+
+    def __init__(self, params: list[torch.nn.Parameter], learner_cfg, accumulation_steps: int = 1):
+        if not params:
+            raise ValueError("no trainable parameters: check model.finetune and model.lora.target_modules")
+        self.params = params
+        self.cfg = learner_cfg
+        self.optimizer = torch.optim.AdamW(
+            params, lr=learner_cfg.learning_rate, betas=(learner_cfg.adam_beta1, learner_cfg.adam_beta2),
+            eps=learner_cfg.adam_eps, weight_decay=learner_cfg.weight_decay,
+        )
+        self.accumulation_steps = accumulation_steps
+        self.micro_step = 0
+        self.global_step = 0
+        self.last_grad_norm = 0.0
+
+    def set_accumulation(self, steps: int) -> None:
+        if self.micro_step % self.accumulation_steps:
+            raise RuntimeError("cannot change accumulation in the middle of an accumulation window")
+        self.accumulation_steps = max(1, steps)
+        self.micro_step = 0
+
+    def backward(self, loss: torch.Tensor) -> bool:
+        """Accumulate grads of `loss`; returns True when this call made an optimiser step."""
+        (loss / self.accumulation_steps).backward()
+        self.micro_step += 1
+        if self.micro_step % self.accumulation_steps:
+            return False
+        self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        return True
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "global_step": self.global_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.global_step = state["global_step"]

@@ -1,0 +1,152 @@
+"""The driver: rollouts run ahead of the learner by at most `train.max_staleness` versions.
+
+Epoch e trains on batches sampled with policy version ≥ e − S. At the top of
+epoch e (version e published), the driver dispatches sampling for epochs up to
+e + S; weight updates are queued on each rollout actor behind the batches it
+already has, so S = 0 is exactly the synchronous algorithm and S > 0 overlaps
+sampling with learning. The driver never branches on the algorithm.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+from tqdm.auto import tqdm
+
+from raydiff.algorithms.registry import make_algorithm
+from raydiff.config import RunConfig, to_yaml
+from raydiff.engine import checkpoint as ckpt
+from raydiff.engine.buffer import StalenessGate
+from raydiff.engine.metrics import MetricsLogger
+from raydiff.engine.roles import LearnerHandle, RolloutGroup
+from raydiff.prompts import load_prompts
+from raydiff.types import Trajectory
+
+log = logging.getLogger("raydiff.trainer")
+
+
+def connect_ray(cfg: RunConfig) -> None:
+    """Join RAY_ADDRESS / cfg.ray_address if given, else start an embedded local cluster sized for the job."""
+    if ray.is_initialized():
+        return
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"RAYDIFF_CACHE": os.environ.get("RAYDIFF_CACHE", "")}} if os.environ.get("RAYDIFF_CACHE") else None
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        return
+    demand = cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.learner.num_workers * cfg.learner.num_cpus + 1
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(np.ceil(demand))), include_dashboard=False, runtime_env=env)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.prompts = load_prompts(cfg.prompts.source, cfg.prompts.column, cfg.prompts.limit)
+        self.algorithm = make_algorithm(cfg.algorithm, cfg.sampling)
+        self.gate = StalenessGate(cfg.train.max_staleness, cfg.train.stale_policy, cfg.train.stale_weight)
+        self.start_epoch = 0
+
+    # --- setup -------------------------------------------------------------
+    def _start_roles(self) -> None:
+        cfg = self.cfg
+        if cfg.reward.backend == "serve":
+            from raydiff.rewards.client import ensure_reward_service
+
+            ensure_reward_service(cfg.reward.components, cfg.reward.serve_app)
+        self.learner = LearnerHandle(cfg)
+        self.rollouts = RolloutGroup(cfg, keep_eps=self.algorithm.needs.keep_eps)
+
+    def _resume(self) -> None:
+        found = ckpt.resolve_resume(self.cfg.output.resume, self.run_dir)
+        if found is None:
+            return
+        state = ckpt.load_driver_state(found)
+        self.learner.load(str(found / "learner"))
+        self.algorithm.load_state_dict(state["algorithm"])
+        self.start_epoch = state["epoch"] + 1
+        log.info("resumed from %s at epoch %d", found, self.start_epoch)
+
+    # --- data --------------------------------------------------------------
+    def batch_requests(self, epoch: int) -> list[tuple[int, list[str], int]]:
+        """(worker, prompts, seed) for every rollout batch of `epoch`: deterministic, so a re-issue or resume repeats it."""
+        rng = np.random.default_rng([self.cfg.train.seed, epoch])
+        out = []
+        for b in range(self.cfg.train.batches_per_epoch):
+            for w in range(self.cfg.rollout.num_workers):
+                prompts = [self.prompts[i] for i in rng.integers(0, len(self.prompts), self.cfg.sampling.batch_size)]
+                out.append((w, prompts, int(rng.integers(0, 2**31 - 1))))
+        return out
+
+    def _collect(self, epoch: int, version: int) -> Trajectory:
+        batches = []
+        for request, batch in zip(self.batch_requests(epoch), self.rollouts.gather(epoch)):
+            admitted = self.gate.admit(batch, version)
+            while admitted is None:  # too stale: sample again with the current weights
+                admitted = self.gate.admit(self.rollouts.regenerate(request), version)
+            batches.append(admitted)
+        return Trajectory.cat(batches)
+
+    # --- loop --------------------------------------------------------------
+    def run(self) -> Path:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        self._start_roles()
+        self._resume()
+        logger = MetricsLogger(self.run_dir, cfg.output.tensorboard, resume_step=self.start_epoch - 1 if self.start_epoch else None)
+        S = cfg.train.max_staleness
+        self.rollouts.push_weights(self.learner.publish())
+        bar = tqdm(range(self.start_epoch, cfg.train.num_epochs), desc="epochs", disable=not cfg.output.progress)
+        try:
+            for epoch in bar:
+                t0 = time.perf_counter()
+                for ahead in range(epoch, min(epoch + S, cfg.train.num_epochs - 1) + 1):
+                    self.rollouts.dispatch(ahead, self.batch_requests(ahead))
+                batch = self._collect(epoch, self.learner.version)
+                t_wait = time.perf_counter() - t0
+                staleness = self.learner.version - batch.version
+                batch = self.algorithm.prepare(batch)
+                train_metrics = self.learner.train(batch)
+                t_sync = time.perf_counter()
+                self.rollouts.push_weights(self.learner.publish())
+                t_sync = time.perf_counter() - t_sync
+                metrics = self._epoch_metrics(batch, train_metrics, staleness, t_wait, t_sync, time.perf_counter() - t0)
+                logger.log(epoch, metrics)
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.4f}")
+                if cfg.output.image_grid_every and epoch % cfg.output.image_grid_every == 0:
+                    logger.log_images(epoch, batch.images[:16], batch.prompts[:16])
+                last = epoch == cfg.train.num_epochs - 1
+                if last or (cfg.output.checkpoint_every and (epoch + 1) % cfg.output.checkpoint_every == 0):
+                    self.save(epoch)
+        finally:
+            logger.close()
+            self.rollouts.shutdown()
+        return self.run_dir
+
+    def save(self, epoch: int) -> Path:
+        def write(d: Path) -> None:
+            self.learner.save(str(d / "learner"))
+            ckpt.save_driver_state(d, {"epoch": epoch, "algorithm": self.algorithm.state_dict(), "version": self.learner.version})
+            (d / "config.yaml").write_text(to_yaml(self.cfg))
+
+        return ckpt.save_checkpoint(self.run_dir, epoch, write)
+
+    def _epoch_metrics(self, batch, train_metrics, staleness, t_wait, t_sync, t_epoch) -> dict:
+        r = np.asarray(batch.rewards, np.float64)
+        m = {"reward/mean": r.mean(), "reward/std": r.std(), "reward/min": r.min(), "reward/max": r.max()}
+        for name, vals in batch.reward_components.items():
+            m[f"reward/{name}"] = float(np.mean(vals))
+        m.update(train_metrics)
+        m.update({
+            "policy/version": self.learner.version, "policy/staleness": staleness, "policy/dropped_batches": self.gate.dropped,
+            "time/rollout_wait_s": t_wait, "time/sync_s": t_sync, "time/epoch_s": t_epoch,
+            "time/sample_s": batch.timings.get("sample_s", 0.0), "time/reward_s": batch.timings.get("reward_s", 0.0),
+            "throughput/samples_per_s": len(batch) / max(t_epoch, 1e-9),
+        })
+        return m

@@ -1,0 +1,86 @@
+"""Trainable weights: LoRA adapters (peft) or the full UNet; export in formats plain diffusers loads.
+
+Weight sync and checkpoints move only `trainable_state_dict` (LoRA: a few MB),
+with a checksum so a receiver can verify before loading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+
+def make_trainable(model, cfg) -> None:
+    """Add LoRA adapters (kept in float32) or unfreeze the UNet, per cfg.finetune."""
+    unet = model.unet
+    if cfg.finetune == "lora":
+        from peft import LoraConfig
+
+        unet.add_adapter(
+            LoraConfig(
+                r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                init_lora_weights="gaussian", target_modules=list(cfg.lora.target_modules),
+            )
+        )
+        for name, p in unet.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.float()
+                p.requires_grad_(True)
+        if not any(p.requires_grad for p in unet.parameters()):
+            raise ValueError(f"model.lora.target_modules={cfg.lora.target_modules} matched no UNet module")
+    else:
+        unet.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+
+
+def trainable_state_dict(unet) -> dict[str, torch.Tensor]:
+    """Detached CPU copies of the parameters that train (LoRA or all UNet weights)."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in unet.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state_dict(unet, state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` into the matching trainable parameters; names must match exactly."""
+    params = dict(unet.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    unknown = [n for n in state if n not in params]
+    if missing or unknown:
+        raise ValueError(f"trainable weights do not match the model: {len(missing)} missing (e.g. {missing[:2]}), {len(unknown)} unknown (e.g. {unknown[:2]})")
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t.to(params[n].device, params[n].dtype))
+
+
+def state_checksum(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, shapes, dtypes and bytes, in name order: equal iff the weights are bit-identical."""
+    h = hashlib.sha256()
+    for n in sorted(state):
+        t = state[n].detach().cpu().contiguous()
+        h.update(n.encode())
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def export_weights(model, out_dir: str | Path) -> str:
+    """Save LoRA so `pipe.load_lora_weights(out_dir)` works, or the full UNet as a diffusers folder."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    unet = model.unet
+    if getattr(unet, "peft_config", None):
+        from peft.utils import get_peft_model_state_dict
+
+        pipe_cls = StableDiffusionXLPipeline if model.kind == "sdxl" else StableDiffusionPipeline
+        layers = {k: v.detach().cpu().float() for k, v in get_peft_model_state_dict(unet).items()}
+        # Metadata keeps alpha != rank strengths right on reload (NOTES-diffusers.md).
+        pipe_cls.save_lora_weights(
+            str(out), unet_lora_layers=layers,
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        )
+    else:
+        unet.save_pretrained(str(out / "unet"))
+    return str(out)

@@ -1,0 +1,90 @@
+"""DDIM step that also returns log p(x_{t-1} | x_t, c): the policy of the denoising MDP.
+
+Forked in spirit from diffusers 0.42 `DDIMScheduler.step` (same arithmetic
+order, so eta=0 and eta=1 reproduce the pipeline bit-exactly on CPU) and from
+ddpo-pytorch `diffusers_patch/ddim_with_logprob.py` (log-prob of the Gaussian
+step). Changes from diffusers: returns the mean, std and log-prob; accepts a
+given `prev_sample` to score instead of drawing one; log-prob math in float32
+and averaged over C*H*W (ddpo-pytorch and DAG tune their step sizes for means).
+Only epsilon prediction with DDIM's `prev_t = t - T_train / n` is supported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+
+@dataclass
+class StepOutput:
+    prev_sample: torch.Tensor  # x_{t-1}, (N, C, h, w)
+    log_prob: torch.Tensor  # (N,) float32, mean over C*h*w
+    mean: torch.Tensor  # mean of the Gaussian step
+    std: torch.Tensor  # scalar std of the Gaussian step (eta * sigma_t)
+    pred_original_sample: torch.Tensor  # x̂_0 predicted from x_t
+
+
+def alphas_at(scheduler, t: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(ᾱ_t, ᾱ_prev, prev_t) for a DDIM schedule set with `scheduler.set_timesteps(n)`."""
+    if scheduler.num_inference_steps is None:
+        raise RuntimeError("call scheduler.set_timesteps(num_steps) before stepping: the log-prob depends on it")
+    t = int(t)
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    a_t = scheduler.alphas_cumprod[t]
+    a_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
+    return a_t, a_prev, prev_t
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, std²) per element, averaged over all non-batch dims, in float32."""
+    x, mean, std = x.float(), mean.float(), std.float()
+    lp = -((x.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
+    return lp.mean(dim=tuple(range(1, lp.ndim)))
+
+
+def ddim_step(
+    scheduler,
+    eps: torch.Tensor,
+    t: int | torch.Tensor,
+    x_t: torch.Tensor,
+    eta: float,
+    prev_sample: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> StepOutput:
+    """One DDIM step x_t -> x_{t-1}; draws x_{t-1} unless `prev_sample` is given, then scores it."""
+    if scheduler.config.prediction_type != "epsilon":
+        raise NotImplementedError(f"prediction_type={scheduler.config.prediction_type!r}; raydiff's DDIM step supports epsilon models")
+    a_t, a_prev, prev_t = alphas_at(scheduler, t)
+    a_t, a_prev = a_t.to(eps.device), a_prev.to(eps.device)
+    beta_t = 1 - a_t
+    x0 = (x_t - beta_t ** (0.5) * eps) / a_t ** (0.5)
+    if scheduler.config.thresholding:
+        raise NotImplementedError("dynamic thresholding is not supported with log-probs")
+    if scheduler.config.clip_sample:
+        r = scheduler.config.clip_sample_range
+        x0 = x0.clamp(-r, r)
+    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    std = eta * variance ** (0.5)
+    direction = (1 - a_prev - std**2) ** (0.5) * eps
+    mean = a_prev ** (0.5) * x0 + direction
+    if prev_sample is None:
+        prev_sample = mean
+        if eta > 0:
+            noise = randn_tensor(eps.shape, generator=generator, device=eps.device, dtype=eps.dtype)
+            prev_sample = prev_sample + std * noise
+    if eta > 0:
+        log_prob = gaussian_log_prob(prev_sample, mean, std)
+    else:
+        log_prob = torch.full((eps.shape[0],), float("nan"), device=eps.device)
+    return StepOutput(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std=std, pred_original_sample=x0)
+
+
+def backward_log_prob(scheduler, t: int, x_t: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
+    """log q(x_t | x_{t-1}) of the fixed forward noising kernel N(√(ᾱ_t/ᾱ_prev) x_{t-1}, (1-ᾱ_t/ᾱ_prev) I), mean over C*h*w."""
+    a_t, a_prev, _ = alphas_at(scheduler, t)
+    ratio = (a_t / a_prev).to(x_t.device).float()
+    return gaussian_log_prob(x_t, ratio.sqrt() * x_prev.float(), (1 - ratio).sqrt())

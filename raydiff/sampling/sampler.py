@@ -1,0 +1,117 @@
+"""Sample DDIM trajectories with per-step log-probs (the rollout policy).
+
+Initial noise and step noise come from one generator in the same order as
+diffusers' pipelines, so with the same seed the images equal
+`StableDiffusion(XL)Pipeline(..., eta=eta)` output. CFG runs both branches in
+one batched UNet call (negative first, as diffusers does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from raydiff.sampling.ddim import ddim_step
+from raydiff.types import Conditioning, Trajectory
+
+
+def autocast_for(model):
+    """bf16/fp16 autocast on GPU when the frozen weights are half precision; nothing on CPU fp32."""
+    if model.device.type == "cuda" and model.dtype != torch.float32:
+        return torch.autocast("cuda", dtype=model.dtype)
+    return contextlib.nullcontext()
+
+
+def predict_noise(model, x: torch.Tensor, t, cond: Conditioning, guidance_scale: float, unet=None) -> torch.Tensor:
+    """ε̂(x_t, t, c) with classifier-free guidance: ε_u + w (ε_c − ε_u), both branches in one call."""
+    unet = unet or model.unet
+    cfg = guidance_scale > 1.0
+    x_in = torch.cat([x, x]) if cfg else x
+    embeds = torch.cat([cond.neg_embeds, cond.embeds]) if cfg else cond.embeds
+    added = None
+    if cond.pooled is not None:
+        pooled = torch.cat([cond.neg_pooled, cond.pooled]) if cfg else cond.pooled
+        time_ids = torch.cat([cond.time_ids, cond.time_ids]) if cfg else cond.time_ids
+        added = {"text_embeds": pooled, "time_ids": time_ids}
+    with autocast_for(model):
+        out = unet(x_in.to(embeds.dtype) if not x_in.is_floating_point() else x_in, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
+    if not cfg:
+        return out
+    eps_u, eps_c = out.chunk(2)
+    return eps_u + guidance_scale * (eps_c - eps_u)
+
+
+@torch.no_grad()
+def decode_images(model, latents: torch.Tensor) -> np.ndarray:
+    """Latents (N, C, h, w) -> uint8 images (N, H, W, 3), rounded like diffusers' numpy_to_pil."""
+    return (decode_float(model, latents).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+def decode_float(model, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> float images (N, 3, H, W) in [0, 1]; keeps the graph (differentiable rewards use it)."""
+    vae = model.vae
+    z = latents.to(vae.dtype) / vae.config.scaling_factor
+    img = vae.decode(z, return_dict=False)[0]
+    return (img.float() / 2 + 0.5).clamp(0, 1)
+
+
+def initial_noise(model, n: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+    shape = (n, model.unet.config.in_channels, model.latent_size, model.latent_size)
+    x = randn_tensor(shape, generator=generator, device=model.device, dtype=model.dtype)
+    return x * model.scheduler.init_noise_sigma
+
+
+@torch.no_grad()
+def sample(
+    model,
+    cond: Conditioning,
+    prompts: list[str],
+    num_steps: int,
+    guidance_scale: float,
+    eta: float,
+    generator: Optional[torch.Generator] = None,
+    version: int = 0,
+    keep_eps: bool = False,
+    latents: Optional[torch.Tensor] = None,
+    progress: bool = False,
+) -> Trajectory:
+    """Run the DDIM chain; returns latents x_T..x_0, log-probs, images. `keep_eps` stores ε̂ per step (extras['eps'])."""
+    sched = model.scheduler
+    sched.set_timesteps(num_steps, device=model.device)
+    x = initial_noise(model, len(prompts), generator) if latents is None else latents
+    xs, log_probs, eps_all = [x], [], []
+    steps = sched.timesteps
+    it = steps
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(steps, desc="sampling", leave=False)
+    for t in it:
+        x_in = sched.scale_model_input(x, t)
+        eps = predict_noise(model, x_in, t, cond, guidance_scale)
+        out = ddim_step(sched, eps, t, x, eta, generator=generator)
+        x = out.prev_sample.to(model.dtype)
+        xs.append(x)
+        log_probs.append(out.log_prob)
+        if keep_eps:
+            eps_all.append(eps.float().cpu())
+    images = decode_images(model, x)
+    traj = Trajectory(
+        prompts=list(prompts),
+        latents=torch.stack(xs, dim=1).float().cpu(),
+        timesteps=steps.cpu(),
+        log_probs=torch.stack(log_probs, dim=1).float().cpu(),
+        cond=cond.to("cpu"),
+        images=images,
+        version=version,
+        num_steps=num_steps,
+        guidance_scale=guidance_scale,
+        eta=eta,
+    )
+    if keep_eps:
+        traj.extras["eps"] = torch.stack(eps_all, dim=1)
+    return traj

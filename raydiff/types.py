@@ -1,0 +1,97 @@
+"""Data that crosses role boundaries: conditioning and trajectory batches.
+
+Shapes: N samples, T denoising steps, latents (C, h, w), L text tokens, D embed dim.
+Everything is a CPU tensor or numpy array when it leaves a worker, so batches
+move through the Ray object store without device handles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Optional
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning for N samples (positive and CFG-negative branch)."""
+
+    embeds: torch.Tensor  # (N, L, D)
+    neg_embeds: torch.Tensor  # (N, L, D)
+    pooled: Optional[torch.Tensor] = None  # (N, P) SDXL only
+    neg_pooled: Optional[torch.Tensor] = None  # (N, P) SDXL only
+    time_ids: Optional[torch.Tensor] = None  # (N, 6) SDXL only
+
+    def index(self, idx) -> "Conditioning":
+        return Conditioning(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[idx]) for f in fields(self)})
+
+    def to(self, device, dtype=None) -> "Conditioning":
+        return Conditioning(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).to(device, dtype)) for f in fields(self)})
+
+    @staticmethod
+    def cat(items: list["Conditioning"]) -> "Conditioning":
+        out = {}
+        for f in fields(Conditioning):
+            vals = [getattr(c, f.name) for c in items]
+            out[f.name] = None if vals[0] is None else torch.cat(vals)
+        return Conditioning(**out)
+
+
+@dataclass
+class Trajectory:
+    """A batch of DDIM trajectories x_T -> x_0 with per-step log-probs, made by policy `version`."""
+
+    prompts: list[str]
+    latents: torch.Tensor  # (N, T+1, C, h, w): x_T, ..., x_0
+    timesteps: torch.Tensor  # (T,) scheduler timesteps, same for the whole batch
+    log_probs: torch.Tensor  # (N, T) log p(x_{t-1} | x_t, c), mean over C*h*w, float32
+    cond: Conditioning
+    images: np.ndarray  # (N, H, W, 3) uint8
+    version: int  # policy version that sampled it
+    num_steps: int  # scheduler.set_timesteps(num_steps) used, needed to recompute log-probs
+    guidance_scale: float
+    eta: float
+    rewards: Optional[np.ndarray] = None  # (N,) weighted total
+    reward_components: dict = field(default_factory=dict)  # name -> (N,)
+    advantages: Optional[torch.Tensor] = None  # (N,)
+    weights: Optional[torch.Tensor] = None  # (N,) importance weights for stale batches (1 = none)
+    extras: dict = field(default_factory=dict)  # algorithm-specific tensors, batch-first
+    timings: dict = field(default_factory=dict)  # seconds spent per phase
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def index(self, idx) -> "Trajectory":
+        """Select samples (tensor/list index) keeping per-batch fields."""
+        idx_t = torch.as_tensor(idx)
+        idx_np = idx_t.numpy()
+        pick = lambda v: None if v is None else (v[idx_t] if isinstance(v, torch.Tensor) else v[idx_np])
+        return replace(
+            self,
+            prompts=[self.prompts[i] for i in idx_np.tolist()],
+            latents=self.latents[idx_t], log_probs=self.log_probs[idx_t], cond=self.cond.index(idx_t),
+            images=self.images[idx_np], rewards=pick(self.rewards),
+            reward_components={k: pick(v) for k, v in self.reward_components.items()},
+            advantages=pick(self.advantages), weights=pick(self.weights),
+            extras={k: pick(v) for k, v in self.extras.items()},
+        )
+
+    @staticmethod
+    def cat(items: list["Trajectory"]) -> "Trajectory":
+        """Concatenate batches sampled with the same settings (version = the oldest)."""
+        first = items[0]
+        cat_opt = lambda vs: None if vs[0] is None else (torch.cat(vs) if isinstance(vs[0], torch.Tensor) else np.concatenate(vs))
+        return replace(
+            first,
+            prompts=sum((t.prompts for t in items), []),
+            latents=torch.cat([t.latents for t in items]), log_probs=torch.cat([t.log_probs for t in items]),
+            cond=Conditioning.cat([t.cond for t in items]), images=np.concatenate([t.images for t in items]),
+            version=min(t.version for t in items),
+            rewards=cat_opt([t.rewards for t in items]),
+            reward_components={k: cat_opt([t.reward_components[k] for t in items]) for k in first.reward_components},
+            advantages=cat_opt([t.advantages for t in items]), weights=cat_opt([t.weights for t in items]),
+            extras={k: cat_opt([t.extras[k] for t in items]) for k in first.extras},
+            timings={k: sum(t.timings.get(k, 0.0) for t in items) for k in first.timings},
+        )
