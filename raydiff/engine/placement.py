@@ -324,7 +324,7 @@ def _fmt_res(resources: dict[str, float], sizes: bool = True) -> str:
     return "{" + ", ".join(f"{k}: {_fmt_amount(v)}" for k, v in sorted(resources.items())) + "}"
 
 
-def _fix_for(role: str, key: str) -> str:
+def _fix_for(role: str, key: str, offered: float = 0.0) -> str:
     if key == "GPU":
         field = f"{role}.num_gpus" if role != "learner" else "learner.use_gpu=false"
         return (
@@ -335,6 +335,11 @@ def _fix_for(role: str, key: str) -> str:
         return f"lower {role}.num_cpus, or add a node type with more CPUs"
     if key in _SIZE_KEYS:
         return f"ask for less {key}, or use a larger node type"
+    if offered > 0:
+        return (
+            f"lower {role}.resources.{key} to at most {_fmt_amount(offered)}, or declare more {key} "
+            "on a node type"
+        )
     return (
         f"remove {key!r} from {role}.resources, or declare it on a node type "
         f"(cluster YAML `resources: {{{key}: 1}}`, KubeRay rayStartParams resources)"
@@ -389,7 +394,7 @@ def _check(role: str, bundles: Sequence[dict[str, float]], strategy: str, alive,
         raise PlacementError(
             f"{_describe_ask(role, bundle, blocking, len(bundles), per)}, but no node "
             f"{'or node type ' if types is not None else ''}can ever offer {_fmt_amount(bundle[blocking])} {blocking}: "
-            f"{offer} [{where}]. Fix: {_fix_for(role, blocking)}."
+            f"{offer} [{where}]. Fix: {_fix_for(role, blocking, best.resources.get(blocking, 0.0) if best else 0.0)}."
         )
 
     # 2. The total must fit what all nodes together could offer (upper bound: alive nodes plus

@@ -1,0 +1,246 @@
+"""LearnerGroup: data-parallel learner workers inside one Ray Train `TorchTrainer` run.
+
+Ray Train owns the workers (placement, process group, restarts); the driver
+cannot call methods on them, so the group uses a pull model through a small
+coordinator actor::
+
+    driver                         coordinator actor              Train worker rank r
+    ------                         -----------------              -------------------
+    start(): fit() in a thread ──────────────────────────────────► make_worker(r, W)
+                                                                   load(latest ckpt)?
+    run([t0..tW-1]) ─► put_task ─► pending = (seq, tasks) ◄─ get_task(r, last_seq)
+                                                                   worker.run_task(t_r)
+                       get_results(seq) ◄─ results[r] ◄──────────── put_result(r, seq, res)
+    checkpoint()    ─► put_task(CHECKPOINT) ...........► worker.save(tmp); ray.train.report(ckpt)
+    shutdown()      ─► stop() ──────────────────────────────────► loop returns; fit() ends
+
+Invariants: one task batch is in flight at a time, and every rank runs every
+batch in the same order (the worker's collectives depend on it). After a
+worker-group failure, Ray Train restarts all workers (FailureConfig.max_failures);
+each restores the latest reported checkpoint and re-runs the pending batch, so
+updates made since that checkpoint are lost (`run` still returns, with the
+re-run results). Tasks and results are opaque: the group knows no algorithm.
+
+Ray 2.60 runs Train v2 by default (RAY_TRAIN_V2_ENABLED=1); this module uses only
+APIs common to v1 and v2 (`ray.train.report/get_checkpoint/get_context`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import threading
+import time
+import uuid
+from typing import Any, Callable, Optional
+
+import ray
+
+CHECKPOINT = "__raydiff_checkpoint__"  # control task: every rank saves, then reports one checkpoint
+_STOP = "__raydiff_stop__"
+
+
+@ray.remote(num_cpus=0)
+class Coordinator:
+    """Task board between the driver and the Train workers (async actor: waits never block others)."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self.seq = -1
+        self.tasks: Optional[list] = None  # pending batch, one task per rank
+        self.results: dict[int, dict[int, Any]] = {}  # seq -> rank -> result
+        self.stopped = False
+        self.changed = asyncio.Condition()
+
+    async def _notify(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def put_task(self, tasks: list) -> int:
+        """Post one batch (tasks[r] for rank r); returns its sequence number."""
+        if len(tasks) != self.world_size:
+            raise ValueError(f"got {len(tasks)} tasks for {self.world_size} learner ranks")
+        if self.tasks is not None:
+            raise RuntimeError(f"task batch {self.seq} is still running")
+        self.seq += 1
+        self.tasks = list(tasks)
+        self.results[self.seq] = {}
+        await self._notify()
+        return self.seq
+
+    async def get_task(self, rank: int, last_seq: int, timeout: float = 10.0):
+        """Wait for a batch newer than `last_seq`: (seq, task), (None, STOP), or None on timeout."""
+        try:
+            async with self.changed:
+                await asyncio.wait_for(self.changed.wait_for(lambda: self.stopped or (self.tasks is not None and self.seq > last_seq)), timeout)
+        except asyncio.TimeoutError:
+            return None
+        if self.stopped:
+            return (None, _STOP)
+        return (self.seq, self.tasks[rank])
+
+    async def put_result(self, rank: int, seq: int, result: Any) -> None:
+        if seq not in self.results:
+            return  # a stale result from before a restart
+        self.results[seq][rank] = result
+        if len(self.results[seq]) == self.world_size:
+            self.tasks = None
+        await self._notify()
+
+    async def get_results(self, seq: int, timeout: float = 1.0) -> Optional[list]:
+        """All ranks' results of batch `seq` in rank order (and forgets them), or None on timeout."""
+        def done():
+            return len(self.results.get(seq, {})) == self.world_size
+
+        try:
+            async with self.changed:
+                await asyncio.wait_for(self.changed.wait_for(done), timeout)
+        except asyncio.TimeoutError:
+            return None
+        res = self.results.pop(seq)
+        return [res[r] for r in range(self.world_size)]
+
+    async def stop(self) -> None:
+        self.stopped = True
+        await self._notify()
+
+
+def _train_loop(config: dict) -> None:
+    """`train_loop_per_worker`: build the learner, restore, then serve tasks until stopped."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # DeepSpeed reads these for device placement; Ray Train sets MASTER_* and the
+    # process group itself but not always RANK/LOCAL_RANK in the environment.
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world))
+    os.environ.setdefault("LOCAL_RANK", str(ctx.get_local_rank()))
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(ctx.get_local_world_size()))
+    if config.get("torch_threads"):
+        import torch
+
+        torch.set_num_threads(int(config["torch_threads"]))
+    coord = config["coordinator"]
+    worker = config["make_worker"](rank, world)
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            worker.load(d)
+    last_seq = -1
+    while True:
+        got = ray.get(coord.get_task.remote(rank, last_seq))
+        if got is None:
+            continue
+        seq, task = got
+        if task == _STOP:
+            return
+        if isinstance(task, tuple) and task and task[0] == CHECKPOINT:
+            result = _save_and_report(worker, name=task[1])
+        else:
+            result = worker.run_task(task)
+        ray.get(coord.put_result.remote(rank, seq, result))
+        last_seq = seq
+
+
+def _save_and_report(worker, name: str) -> str:
+    """Every rank saves into its own temp dir; Ray Train merges them into one checkpoint dir."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="raydiff-ckpt-") as d:
+        worker.save(d)
+        ray.train.report({"checkpoint": name}, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=name)
+    return name
+
+
+class LearnerGroup:
+    """Driver-side handle: `start()`, `run(tasks) -> results`, `checkpoint(name)`, `shutdown()`.
+
+    make_worker(rank, world_size) must be picklable and return an object with
+    `run_task(task) -> result`, `save(dir)` and `load(dir)`; it runs inside each
+    Train worker, after Ray Train has set up torch.distributed (gloo on CPU,
+    NCCL with use_gpu).
+    """
+
+    def __init__(self, make_worker: Callable[[int, int], Any], learner_cfg, storage_path: str,
+                 name: str = "learner", max_failures: int = 0, task_timeout_s: Optional[float] = None):
+        self.make_worker = make_worker
+        self.cfg = learner_cfg
+        self.storage_path = os.path.abspath(storage_path)  # Ray Train needs an absolute path (or URI)
+        self.name = name
+        self.max_failures = max_failures
+        self.task_timeout_s = task_timeout_s
+        self.num_workers = int(learner_cfg.num_workers)
+        self.coordinator = None
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+        self._fit_result = None
+
+    def start(self) -> "LearnerGroup":
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        self.coordinator = Coordinator.options(name=f"coordinator-{self.name}-{uuid.uuid4().hex[:6]}").remote(self.num_workers)
+        resources = {"CPU": float(self.cfg.num_cpus), **{k: float(v) for k, v in self.cfg.resources.items()}}
+        if self.cfg.use_gpu:
+            resources["GPU"] = 1.0
+        trainer = TorchTrainer(
+            _train_loop,
+            train_loop_config={"coordinator": self.coordinator, "make_worker": self.make_worker,
+                               "torch_threads": None if self.cfg.use_gpu else self.cfg.torch_threads},
+            scaling_config=ScalingConfig(num_workers=self.num_workers, use_gpu=self.cfg.use_gpu, resources_per_worker=resources),
+            run_config=RunConfig(name=self.name, storage_path=self.storage_path,
+                                 failure_config=FailureConfig(max_failures=self.max_failures)),
+        )
+
+        def fit():
+            try:
+                self._fit_result = trainer.fit()
+            except BaseException as e:  # surfaced by run()/shutdown() on the driver thread
+                self._error = e
+
+        self._thread = threading.Thread(target=fit, name=f"raydiff-{self.name}-fit", daemon=True)
+        self._thread.start()
+        return self
+
+    def _check_alive(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"learner group {self.name!r} failed: {type(self._error).__name__}: {self._error}") from self._error
+        if self._thread is None or not self._thread.is_alive():
+            raise RuntimeError(f"learner group {self.name!r} is not running (start() not called, or fit() returned)")
+
+    def run(self, task_per_rank: list) -> list:
+        """Give tasks[r] to rank r; block until every rank returns; results in rank order."""
+        self._check_alive()
+        seq = ray.get(self.coordinator.put_task.remote(list(task_per_rank)))
+        t0 = time.monotonic()
+        while True:
+            res = ray.get(self.coordinator.get_results.remote(seq, 1.0))
+            if res is not None:
+                return res
+            self._check_alive()
+            if self.task_timeout_s is not None and time.monotonic() - t0 > self.task_timeout_s:
+                raise TimeoutError(f"learner group {self.name!r}: task batch {seq} took over {self.task_timeout_s} s")
+
+    def checkpoint(self, name: str) -> str:
+        """All ranks `save` and report one Ray Train checkpoint; returns its directory."""
+        self.run([(CHECKPOINT, name)] * self.num_workers)
+        return os.path.join(self.storage_path, self.name, name)
+
+    def shutdown(self, timeout_s: float = 120.0) -> None:
+        """Stop the workers, wait for fit() to return, drop the coordinator; re-raises a fit() error."""
+        if self.coordinator is not None:
+            try:
+                ray.get(self.coordinator.stop.remote())
+            except Exception:
+                pass
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        if self.coordinator is not None:
+            ray.kill(self.coordinator)
+            self.coordinator = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise RuntimeError(f"learner group {self.name!r} failed: {err}") from err
