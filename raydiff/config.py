@@ -110,6 +110,8 @@ class OutputSection(Section):
     image_grid_every: int = Field(1, ge=0, description="Write a grid of samples every N epochs (0 = never).")
     tensorboard: bool = Field(True, description="Write TensorBoard event files next to metrics.jsonl.")
     progress: bool = Field(True, description="Show progress bars.")
+    experience_records: bool = Field(True, description="Write each trained sample's prompt, rewards, version, staleness and timings to experience/*.parquet.")
+    record_tensors: bool = Field(False, description="Also store latents (fp16 bytes) and log-probs in the experience records (large).")
 
 
 class RunConfig(Section):

@@ -40,6 +40,21 @@ class Conditioning:
 
 
 @dataclass
+class PromptBatch:
+    """What a synchronous (sample-with-gradients) learner step receives: prompts and a noise seed."""
+
+    prompts: list[str]
+    seed: int
+    version: int = 0
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def shard(self, rank: int, world_size: int) -> "PromptBatch":
+        return PromptBatch(self.prompts[rank::world_size], self.seed * 1000003 + rank, self.version)
+
+
+@dataclass
 class Trajectory:
     """A batch of DDIM trajectories x_T -> x_0 with per-step log-probs, made by policy `version`."""
 
@@ -57,11 +72,16 @@ class Trajectory:
     reward_components: dict = field(default_factory=dict)  # name -> (N,)
     advantages: Optional[torch.Tensor] = None  # (N,)
     weights: Optional[torch.Tensor] = None  # (N,) importance weights for stale batches (1 = none)
+    staleness: int = 0  # learner version at training minus `version`; set by the driver at admission
     extras: dict = field(default_factory=dict)  # algorithm-specific tensors, batch-first
     timings: dict = field(default_factory=dict)  # seconds spent per phase
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def shard(self, rank: int, world_size: int) -> "Trajectory":
+        """Rank r's slice of the batch for data-parallel learners (strided, so shards differ by at most 1)."""
+        return self.index(list(range(rank, len(self), world_size)))
 
     def index(self, idx) -> "Trajectory":
         """Select samples (tensor/list index) keeping per-batch fields."""
@@ -89,6 +109,7 @@ class Trajectory:
             latents=torch.cat([t.latents for t in items]), log_probs=torch.cat([t.log_probs for t in items]),
             cond=Conditioning.cat([t.cond for t in items]), images=np.concatenate([t.images for t in items]),
             version=min(t.version for t in items),
+            staleness=max(t.staleness for t in items),
             rewards=cat_opt([t.rewards for t in items]),
             reward_components={k: cat_opt([t.reward_components[k] for t in items]) for k in first.reward_components},
             advantages=cat_opt([t.advantages for t in items]), weights=cat_opt([t.weights for t in items]),

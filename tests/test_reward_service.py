@@ -118,7 +118,7 @@ def _item_cases():
 @pytest.mark.parametrize("case", list(_item_cases()))
 def test_bad_item_is_a_per_item_error(svc, case):
     good = _images(1, 16, 16, seed=4)
-    body = {"prompts": ["a", "b", "c"],
+    body = {"prompts": ["a", "b", "a"],
             "images": encode_images(good, "png") + [_item_cases()[case]] + encode_images(good, "raw")}
     r = _post(svc.url, "/v1/rewards/clip:score", body)
     assert r.status_code == 200, r.text
@@ -143,7 +143,8 @@ def _bad_requests():
         ("/v1/rewards/brightness:score", b"{not json", 422, "JSON"),
         ("/v1/score", b'{"rewards": {"brightness": NaN}, "prompts": ["a"], "images": ' + json.dumps(img).encode() + b"}",
          422, "rewards.brightness"),
-        ("/v1/score", {"rewards": {"brightness": 1e400}, "prompts": ["a"], "images": img}, 422, "rewards.brightness"),
+        ("/v1/score", b'{"rewards": {"brightness": 1e400}, "prompts": ["a"], "images": ' + json.dumps(img).encode() + b"}",
+         422, "rewards.brightness"),
         ("/v1/score", {"rewards": {}, "prompts": ["a"], "images": img}, 422, "rewards is empty"),
         ("/v1/score", {"rewards": {"nope": 1.0}, "prompts": ["a"], "images": img}, 404, "known rewards: ['brightness', 'clip']"),
         ("/v1/rewards/nope:score", {"prompts": ["a"], "images": img}, 404, "known rewards: ['brightness', 'clip']"),
@@ -173,7 +174,7 @@ def test_streamed_body_over_limit_is_413(svc):
 
     r = httpx.post(svc.url + "/v1/rewards/brightness:score", content=chunks(),
                    headers={"content-type": "application/json"}, timeout=30)
-    assert r.status_code == 413 and "max_body_bytes" in r.json()["detail"]
+    assert r.status_code == 413 and "max_body_bytes" in r.json()["detail"], (r.status_code, r.text)
     _assert_service_ok(svc.url)
 
 

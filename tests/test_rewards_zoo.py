@@ -241,3 +241,25 @@ def test_open_clip_conversion_round_trip(tiny, tmp_path):
         a, b = _ref_image(sd, r.preprocess(imgs)), _ref_text(sd, ids["input_ids"])
         want = F.cosine_similarity(a, b, dim=-1)
         torch.testing.assert_close(r.score_tensor(imgs, prompts), want, rtol=1e-4, atol=1e-5)
+
+
+# ---- service config ---------------------------------------------------------------------------
+
+
+def test_service_config_example_and_errors():
+    from raydiff.config_base import ConfigError, undocumented_fields
+    from raydiff.rewards.service_config import RewardServiceConfig, load_service_config
+
+    root = os.path.join(os.path.dirname(__file__), "..", "configs", "rewards.yaml")
+    cfg = load_service_config(root, port=9001)
+    assert cfg.port == 9001 and cfg.reward("aesthetic").args["head_path"] == "tiny://clip/aesthetic_head.pth"
+    assert cfg.reward("pickscore").autoscaling_config.max_replicas == 2
+    assert undocumented_fields(RewardServiceConfig) == []
+    with pytest.raises(ConfigError, match=r"rewards\.0\.max_bathc_size: unknown key"):
+        load_service_config(None, rewards=[{"name": "brightness", "max_bathc_size": 4}])
+    with pytest.raises(ConfigError, match=r"rewards\.0.*max_ongoing_requests \(4\) < max_batch_size \(8\)"):
+        load_service_config(None, rewards=[{"name": "brightness", "max_batch_size": 8, "max_ongoing_requests": 4}])
+    with pytest.raises(ConfigError, match="duplicate names"):
+        load_service_config(None, rewards=[{"name": "brightness"}, {"name": "brightness"}])
+    with pytest.raises(ConfigError, match=r"rewards\.0\.name"):
+        load_service_config(None, rewards=[{"name": "Bad Name"}])

@@ -4,6 +4,10 @@ The engine never branches on an algorithm's name. It asks the algorithm:
 - `needs`: what rollouts must record (e.g. per-step ε̂ for a proximal term),
 - `prepare(batch)`: driver-side, stateful processing of scored batches
   (advantages, per-prompt statistics), checkpointed via `state_dict`,
+- `build_modules(model)`: learner-side extra trainable networks (e.g. DAG's
+  flow net), trained in their own optimiser group and checkpointed with the learner,
+- `minibatches(batch, rng)`: how the learner cuts what it receives (trajectories
+  for async algorithms, a `PromptBatch` for sync ones),
 - `train_step(policy, optimizer, batch, rng)`: learner-side update on one
   minibatch; it calls `optimizer.backward(loss)` per micro-step and returns metrics.
 """
@@ -11,18 +15,21 @@ The engine never branches on an algorithm's name. It asks the algorithm:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
-from raydiff.types import Trajectory
+import torch
+
+from raydiff.types import PromptBatch, Trajectory
 
 
 @dataclass(frozen=True)
 class Needs:
     """Declared requirements the engine provisions without knowing the algorithm."""
 
-    mode: str = "async"  # "async": rollouts + learners (DDPO, DAG); "sync": learner samples with gradients
+    mode: str = "async"  # "async": rollouts + learners (DDPO, DAG); "sync": the learner samples with gradients (PromptBatch in)
     keep_eps: bool = False  # rollouts store the CFG noise prediction per step (extras['eps'])
     intermediate_rewards: bool = False  # rewards of x̂_0 at every step are requested
+    intermediate_rewards_guidance: str = "cfg"  # x̂_0 for those rewards from the CFG ε̂ ("cfg") or the conditional branch alone ("cond")
     reference_model: bool = False  # a frozen copy of the base model on the learner
 
 
@@ -31,20 +38,43 @@ class Algorithm:
 
     config_cls: ClassVar[type]
 
-    def __init__(self, config, sampling):
+    def __init__(self, config, sampling, reward=None):
         self.config = config
         self.sampling = sampling
+        self.reward = reward  # RewardSection: sync algorithms build differentiable rewards from it
 
     @property
     def needs(self) -> Needs:
         return Needs()
 
-    def micro_steps_per_update(self, batch_size: int, num_steps: int) -> int:
-        """How many `optimizer.backward` calls make one optimiser step (gradient accumulation)."""
+    def micro_steps_per_update(self, minibatch) -> int:
+        """How many `optimizer.backward` calls `train_step` makes on `minibatch` per optimiser step."""
         return 1
 
     def prepare(self, batch: Trajectory) -> Trajectory:
         return batch
+
+    def build_modules(self, model) -> dict[str, torch.nn.Module]:
+        """Extra trainable networks (name -> module) on the learner; each gets its own optimiser group."""
+        return {}
+
+    def param_group_options(self, name: str) -> dict:
+        """Optimiser options (lr, weight_decay) for the group of module `name`; {} = the learner's."""
+        return {}
+
+    def minibatches(self, batch, rng: torch.Generator) -> Iterator:
+        """Default for rollout-based algorithms: `num_inner_epochs` shuffled passes in `train_batch_size` pieces."""
+        if isinstance(batch, PromptBatch):
+            yield batch
+            return
+        mb = min(self.config.train_batch_size, len(batch))
+        for _ in range(self.config.num_inner_epochs):
+            perm = torch.randperm(len(batch), generator=rng)
+            for start in range(0, len(batch) - mb + 1, mb):
+                yield batch.index(perm[start:start + mb])
+
+    def minibatch_size(self, batch) -> int:
+        return min(getattr(self.config, "train_batch_size", len(batch)), len(batch))
 
     def train_step(self, policy, optimizer, batch: Trajectory, rng) -> dict[str, float]:
         raise NotImplementedError

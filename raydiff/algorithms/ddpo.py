@@ -12,6 +12,14 @@ trajectory's reward r(x_0, c) and per-prompt normalised advantage
 
 averaged over the batch and accumulated over the trained timesteps into one
 optimiser step per minibatch. log π is averaged over C·H·W (as the reference).
+
+Stale batches (made by version v, trained at u > v, asynchronous mode) with
+`off_policy: truncated_is` use the current policy as the proximal policy
+(decoupled PPO, Hilton et al. 2021) and a truncated importance weight
+w = min(π_u / π_v, c̄) per step, so the loss is −A·w·exp(log π_θ − sg(log π_θ))
+(V-trace-style). Plain PPO ratios against a policy several versions old clip
+most samples one-sidedly and were seen to drive the tiny run's reward down.
+Fresh batches (staleness 0) always use the exact clipped objective above.
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ class Config(AsyncAlgorithmConfig):
     per_prompt_stat_tracking: bool = Field(True, description="Normalise rewards per prompt (else over the batch).")
     stat_buffer_size: int = Field(16, ge=1, description="Rewards kept per prompt for its mean/std.")
     stat_min_count: int = Field(16, ge=1, description="Rewards a prompt needs before its own statistics are used.")
+    off_policy: Literal["truncated_is", "ppo"] = Field("truncated_is", description="Stale batches: truncated importance weights against the current policy, or plain PPO ratios to the behaviour policy.")
+    is_clip: float = Field(1.0, gt=0, description="Truncation c̄ of the per-step importance weight π_current/π_behaviour for stale batches.")
 
 
 class PerPromptStats:
@@ -94,15 +104,15 @@ def ppo_clipped_loss(log_prob, old_log_prob, advantages, clip_range, weights=Non
 class DDPO(Algorithm):
     config_cls = Config
 
-    def __init__(self, config: Config, sampling):
-        super().__init__(config, sampling)
+    def __init__(self, config: Config, sampling, reward=None):
+        super().__init__(config, sampling, reward)
         self.stats = PerPromptStats(config.stat_buffer_size, config.stat_min_count)
 
     def trained_steps(self, num_steps: int) -> int:
         return max(1, int(round(num_steps * self.config.timestep_fraction)))
 
-    def micro_steps_per_update(self, batch_size: int, num_steps: int) -> int:
-        return self.trained_steps(num_steps)
+    def micro_steps_per_update(self, minibatch: Trajectory) -> int:
+        return self.trained_steps(minibatch.log_probs.shape[1])
 
     def prepare(self, batch: Trajectory) -> Trajectory:
         if self.config.per_prompt_stat_tracking:
@@ -119,9 +129,21 @@ class DDPO(Algorithm):
         adv = batch.advantages.clamp(-self.config.adv_clip_max, self.config.adv_clip_max).to(policy.device)
         weights = batch.weights.to(policy.device) if batch.weights is not None else None
         totals: dict[str, float] = defaultdict(float)
+        decoupled = batch.staleness > 0 and self.config.off_policy == "truncated_is"
         for j in steps:
             log_prob = policy.log_prob(batch, j)
-            loss, stats = ppo_clipped_loss(log_prob, batch.log_probs[:, j].to(policy.device), adv, self.config.clip_range, weights)
+            old = batch.log_probs[:, j].to(policy.device)
+            if decoupled:
+                is_w = torch.exp(log_prob.detach() - old).clamp(max=self.config.is_clip)
+                w = is_w if weights is None else is_w * weights
+                # Baseline under the re-weighted batch: keeps Σ w·A = 0, so the shared offset of
+                # old samples from the moved policy mean (∝ Δμ/σ_t², large at late steps) cancels.
+                adv_w = adv - (w * adv).sum() / w.sum().clamp_min(1e-8)
+                loss, stats = ppo_clipped_loss(log_prob, log_prob.detach(), adv_w, self.config.clip_range, w)
+                stats["is_weight_mean"] = is_w.mean().item()
+                stats["behaviour_approx_kl"] = 0.5 * ((log_prob.detach() - old) ** 2).mean().item()
+            else:
+                loss, stats = ppo_clipped_loss(log_prob, old, adv, self.config.clip_range, weights)
             optimizer.backward(loss)
             totals["loss"] += loss.item() / len(steps)
             for k, v in stats.items():

@@ -8,7 +8,7 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
-_MODULES = ["raydiff.algorithms.ddpo"]
+_MODULES = ["raydiff.algorithms.ddpo", "raydiff.algorithms.alignprop", "raydiff.algorithms.draft", "raydiff.algorithms.drtune", "raydiff.algorithms.dag"]
 _ALGORITHMS = {}
 for _mod_name in _MODULES:
     _mod = importlib.import_module(_mod_name)
@@ -29,6 +29,6 @@ def algorithm_names() -> list[str]:
     return sorted(_ALGORITHMS)
 
 
-def make_algorithm(config, sampling):
+def make_algorithm(config, sampling, reward=None):
     """Instantiate the algorithm that `config.name` names."""
-    return _ALGORITHMS[config.name](config, sampling)
+    return _ALGORITHMS[config.name](config, sampling, reward)

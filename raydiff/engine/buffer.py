@@ -28,6 +28,7 @@ class StalenessGate:
         if staleness < 0:
             raise RuntimeError(f"batch from future version {batch.version} at learner version {learner_version}: weight sync is broken")
         self.histogram[staleness] += 1
+        batch.staleness = staleness
         if staleness <= self.max_staleness:
             return batch
         if self.policy == "drop":

@@ -13,6 +13,18 @@ Ranks and shards (world size W, ZeRO-3)::
     boundary step: grads reduce-scattered (averaged over W) -> each rank
              updates its slice -> params re-gathered on the next forward
 
+Caveats:
+- ZeRO-3 partitions the frozen base weights too, and every forward (each
+  sampler step for sync algorithms) all-gathers them layer by layer. With LoRA
+  the optimizer state is tiny, so ZeRO-2 is usually the better choice; ZeRO-3
+  pays off for finetune=full. Params below `stage3_param_persistence_threshold`
+  (default 1e5 elements) stay whole on every rank.
+- bf16 (GPU): DeepSpeed casts every module param, LoRA included, to bf16 and
+  keeps fp32 masters in the optimizer; inputs must be bf16 (or autocast) and
+  `gathered_trainable_state` returns bf16 tensors. CPU runs are fp32 throughout.
+- The frozen params must be floating point of the training dtype: DeepSpeed
+  checks the whole module (fp32 when bf16 is off).
+
 Running on CPU (tests: 2 workers, gloo, fp32) -- what DeepSpeed 0.19 needs:
 
 - Accelerator: auto-detected as "cpu" when torch sees no CUDA device (log line

@@ -18,7 +18,7 @@ from raydiff.engine.optim import TorchStepper
 from raydiff.engine.policy import Policy
 from raydiff.models.loader import load_model
 from raydiff.models.lora import export_weights, load_trainable_state_dict, state_checksum, trainable_state_dict
-from raydiff.types import Trajectory
+from raydiff.types import PromptBatch, Trajectory
 
 
 class Learner:
@@ -28,38 +28,49 @@ class Learner:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         torch.manual_seed(cfg.train.seed)  # identical LoRA init on every rank and in every rollout worker
         self.model = load_model(cfg.model, device)
-        self.algorithm = make_algorithm(cfg.algorithm, cfg.sampling)
+        self.algorithm = make_algorithm(cfg.algorithm, cfg.sampling, cfg.reward)
         self.policy = Policy(self.model)
-        params = self.model.trainable_parameters()
-        factory = stepper_factory or (lambda params, cfg_l, acc: TorchStepper(params, cfg_l, acc))
-        self.stepper = factory(params, cfg.learner, 1)
+        self.modules = {k: m.to(self.model.device) for k, m in self.algorithm.build_modules(self.model).items()}
+        groups = [{"name": "policy", "params": self.model.trainable_parameters()}] + [
+            {"name": k, "params": [p for p in m.parameters() if p.requires_grad], **self.algorithm.param_group_options(k)}
+            for k, m in self.modules.items()
+        ]
+        factory = stepper_factory or (lambda groups, cfg_l, acc: TorchStepper(groups, cfg_l, acc))
+        self.stepper = factory(groups, cfg.learner, 1)
         self.version = 0
         self.rng = torch.Generator().manual_seed(cfg.train.seed * 1009 + rank)
 
     def ready(self) -> int:
         return self.rank
 
-    def train(self, batch: Trajectory) -> dict[str, float]:
-        """All inner epochs over `batch` (this worker's shard); bumps the policy version once."""
+    def train(self, batch: Trajectory | PromptBatch) -> dict:
+        """One update round on `batch` (this worker's shard), as the algorithm cuts it; bumps the policy version once.
+
+        Metric values are averaged over minibatches; an `images` entry (uint8 samples a
+        sync algorithm made) is passed through for the driver's image grid.
+        """
         t0 = time.perf_counter()
-        acfg = self.algorithm.config
-        mb = min(acfg.train_batch_size, len(batch))
-        self.stepper.set_accumulation(self.algorithm.micro_steps_per_update(mb, batch.log_probs.shape[1]))
         sums: dict[str, float] = defaultdict(float)
+        extra: dict = {}
         count = 0
         self.model.unet.train()
-        for _ in range(acfg.num_inner_epochs):
-            perm = torch.randperm(len(batch), generator=self.rng)
-            for start in range(0, len(batch) - mb + 1, mb):
-                metrics = self.algorithm.train_step(self.policy, self.stepper, batch.index(perm[start:start + mb]), self.rng)
-                for k, v in metrics.items():
+        for minibatch in self.algorithm.minibatches(batch, self.rng):
+            self.stepper.set_accumulation(self.algorithm.micro_steps_per_update(minibatch))
+            metrics = self.algorithm.train_step(self.policy, self.stepper, minibatch, self.rng)
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
                     sums[k] += v
-                count += 1
+                else:
+                    extra[k] = v
+            count += 1
         self.model.unet.eval()
         self.version += 1
-        out = {f"train/{k}": v / max(count, 1) for k, v in sums.items()}
+        # Bare names go under train/; names an algorithm already namespaced (reward/mean, grad/norm) stay as they are.
+        out = {(k if "/" in k else f"train/{k}"): v / max(count, 1) for k, v in sums.items()}
         out.update({"train/grad_norm": self.stepper.last_grad_norm, "train/optimizer_steps": self.stepper.global_step,
                     "time/learner_step_s": time.perf_counter() - t0})
+        out.update({f"train/grad_norm_{k}": v for k, v in self.stepper.group_grad_norms.items() if k != "policy"})
+        out.update(extra)
         return out
 
     def publish(self) -> dict:
@@ -72,6 +83,7 @@ class Learner:
         d.mkdir(parents=True, exist_ok=True)
         torch.save({
             "weights": trainable_state_dict(self.model.unet),
+            "modules": {k: m.state_dict() for k, m in self.modules.items()},
             "stepper": self.stepper.state_dict(),
             "version": self.version,
             "rng": self.rng.get_state(),
@@ -81,6 +93,8 @@ class Learner:
     def load(self, directory: str) -> None:
         state = torch.load(Path(directory) / "learner.pt", weights_only=False)
         load_trainable_state_dict(self.model.unet, state["weights"])
+        for k, m in self.modules.items():
+            m.load_state_dict(state["modules"][k])
         self.stepper.load_state_dict(state["stepper"])
         self.version = state["version"]
         self.rng.set_state(state["rng"])

@@ -152,7 +152,12 @@ def _save_and_report(worker, name: str) -> str:
     with tempfile.TemporaryDirectory(prefix="raydiff-ckpt-") as d:
         worker.save(d)
         ray.train.report({"checkpoint": name}, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=name)
-    return name
+    # Train v2 registers a report only when its controller next polls the workers
+    # (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s): a crash before that would
+    # restart from the previous checkpoint. Wait until it is committed, so a
+    # checkpoint() that returned is the one restarts resume from.
+    reported = ray.train.get_all_reported_checkpoints(ray.train.CheckpointConsistencyMode.COMMITTED)
+    return reported[-1].checkpoint.path if reported else name
 
 
 class LearnerGroup:
@@ -225,9 +230,11 @@ class LearnerGroup:
                 raise TimeoutError(f"learner group {self.name!r}: task batch {seq} took over {self.task_timeout_s} s")
 
     def checkpoint(self, name: str) -> str:
-        """All ranks `save` and report one Ray Train checkpoint; returns its directory."""
-        self.run([(CHECKPOINT, name)] * self.num_workers)
-        return os.path.join(self.storage_path, self.name, name)
+        """All ranks `save` into one Ray Train checkpoint `name` (unique per run); returns its directory.
+
+        Returns once Ray Train has committed it: a restart after this resumes from it.
+        """
+        return self.run([(CHECKPOINT, name)] * self.num_workers)[0]
 
     def shutdown(self, timeout_s: float = 120.0) -> None:
         """Stop the workers, wait for fit() to return, drop the coordinator; re-raises a fit() error."""

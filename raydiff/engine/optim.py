@@ -11,22 +11,33 @@ from __future__ import annotations
 import torch
 
 
-class TorchStepper:
-    """AdamW with gradient accumulation and clipping, single process."""
+def as_param_groups(params) -> list[dict]:
+    """Accept a parameter list or optimiser groups [{'name', 'params', lr?, weight_decay?}]."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        return [dict(g, params=list(g["params"])) for g in params]
+    return [{"name": "policy", "params": params}]
 
-    def __init__(self, params: list[torch.nn.Parameter], learner_cfg, accumulation_steps: int = 1):
-        if not params:
+
+class TorchStepper:
+    """AdamW with gradient accumulation and per-group clipping (each network clipped on its own), single process."""
+
+    def __init__(self, params, learner_cfg, accumulation_steps: int = 1):
+        groups = as_param_groups(params)
+        if not groups[0]["params"]:
             raise ValueError("no trainable parameters: check model.finetune and model.lora.target_modules")
-        self.params = params
+        self.groups = groups
+        self.params = [p for g in groups for p in g["params"]]
         self.cfg = learner_cfg
         self.optimizer = torch.optim.AdamW(
-            params, lr=learner_cfg.learning_rate, betas=(learner_cfg.adam_beta1, learner_cfg.adam_beta2),
+            groups, lr=learner_cfg.learning_rate, betas=(learner_cfg.adam_beta1, learner_cfg.adam_beta2),
             eps=learner_cfg.adam_eps, weight_decay=learner_cfg.weight_decay,
         )
         self.accumulation_steps = accumulation_steps
         self.micro_step = 0
         self.global_step = 0
         self.last_grad_norm = 0.0
+        self.group_grad_norms: dict[str, float] = {}
 
     def set_accumulation(self, steps: int) -> None:
         if self.micro_step % self.accumulation_steps:
@@ -40,7 +51,9 @@ class TorchStepper:
         self.micro_step += 1
         if self.micro_step % self.accumulation_steps:
             return False
-        self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+        norms = [float(torch.nn.utils.clip_grad_norm_(g["params"], self.cfg.max_grad_norm)) for g in self.groups]
+        self.last_grad_norm = norms[0]
+        self.group_grad_norms = {g.get("name", str(i)): n for i, (g, n) in enumerate(zip(self.groups, norms))}
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1

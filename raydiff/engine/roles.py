@@ -36,13 +36,13 @@ def _wait_alive(actor, timeout_s: float = 300.0) -> None:
 class RolloutGroup:
     """N RolloutWorker actors; batches are dispatched per epoch and re-issued if an actor dies."""
 
-    def __init__(self, cfg, keep_eps: bool = False):
+    def __init__(self, cfg, needs=None):
         r = cfg.rollout
         self.actors = [
             ray.remote(RolloutWorker)
             .options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, resources=r.resources or None,
                      max_restarts=r.max_restarts, max_task_retries=0, name=f"raydiff-rollout-{i}-{id(self):x}")
-            .remote(cfg, i, keep_eps)
+            .remote(cfg, i, needs)
             for i in range(r.num_workers)
         ]
         ray.get([a.ready.remote() for a in self.actors])
@@ -120,3 +120,6 @@ class LearnerHandle:
     def load(self, directory: str) -> None:
         ray.get(self.actor.load.remote(directory))
         self.version = ray.get(self.actor.__ray_call__.remote(lambda self: self.version))
+
+    def shutdown(self) -> None:
+        ray.kill(self.actor, no_restart=True)

@@ -15,7 +15,7 @@ import torch
 from raydiff.models.loader import load_model
 from raydiff.models.lora import load_trainable_state_dict, state_checksum, trainable_state_dict
 from raydiff.sampling.conditioning import encode_prompts
-from raydiff.sampling.sampler import sample
+from raydiff.sampling.sampler import decode_images, sample
 from raydiff.types import Trajectory
 
 log = logging.getLogger("raydiff.rollout")
@@ -37,10 +37,13 @@ def build_reward_fn(reward_cfg):
 
 
 class RolloutWorker:
-    def __init__(self, cfg, rank: int = 0, keep_eps: bool = False):
+    def __init__(self, cfg, rank: int = 0, needs=None):
+        from raydiff.algorithms.base import Needs
+
+        needs = needs or Needs()
         torch.set_num_threads(cfg.rollout.torch_threads)
         device = "cuda" if cfg.rollout.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.cfg, self.rank, self.keep_eps = cfg, rank, keep_eps
+        self.cfg, self.rank, self.needs = cfg, rank, needs
         torch.manual_seed(cfg.train.seed)  # same LoRA init as the learner
         self.model = load_model(cfg.model, device)
         self.model.unet.eval()
@@ -74,9 +77,23 @@ class RolloutWorker:
         t0 = time.perf_counter()
         gen = torch.Generator(device=self.model.device).manual_seed(seed)
         cond = encode_prompts(self.model, prompts, s.negative_prompt)
-        traj = sample(self.model, cond, prompts, s.num_steps, s.guidance_scale, s.eta, gen, self.version, keep_eps=self.keep_eps)
+        traj = sample(self.model, cond, prompts, s.num_steps, s.guidance_scale, s.eta, gen, self.version,
+                      keep_eps=self.needs.keep_eps, keep_x0=self.needs.intermediate_rewards,
+                      x0_guidance=self.needs.intermediate_rewards_guidance)
         t1 = time.perf_counter()
         total, parts = self.rewards(traj.images, prompts)
         traj.rewards, traj.reward_components = total, parts
-        traj.timings = {"sample_s": t1 - t0, "reward_s": time.perf_counter() - t1}
+        calls = 1
+        if self.needs.intermediate_rewards:
+            traj.extras["step_rewards"] = self.intermediate_rewards(traj)
+            calls += 1
+        traj.timings = {"sample_s": t1 - t0, "reward_s": time.perf_counter() - t1, "reward_calls": calls}
         return traj
+
+    def intermediate_rewards(self, traj: Trajectory) -> torch.Tensor:
+        """Rewards of decode(x̂_0) at every step, (N, T), scored in ONE batched reward call."""
+        x0 = traj.extras.pop("x0_pred")  # (N, T, C, h, w); not shipped to the learner
+        n, T = x0.shape[:2]
+        images = decode_images(self.model, x0.flatten(0, 1).to(self.model.device, self.model.dtype))
+        total, _ = self.rewards(images, [p for p in traj.prompts for _ in range(T)])
+        return torch.as_tensor(total, dtype=torch.float32).view(n, T)

@@ -23,9 +23,10 @@ from raydiff.config import RunConfig, to_yaml
 from raydiff.engine import checkpoint as ckpt
 from raydiff.engine.buffer import StalenessGate
 from raydiff.engine.metrics import MetricsLogger
+from raydiff.engine.records import ExperienceWriter
 from raydiff.engine.roles import LearnerHandle, RolloutGroup
 from raydiff.prompts import load_prompts
-from raydiff.types import Trajectory
+from raydiff.types import PromptBatch, Trajectory
 
 log = logging.getLogger("raydiff.trainer")
 
@@ -51,6 +52,7 @@ class Trainer:
         self.algorithm = make_algorithm(cfg.algorithm, cfg.sampling)
         self.gate = StalenessGate(cfg.train.max_staleness, cfg.train.stale_policy, cfg.train.stale_weight)
         self.start_epoch = 0
+        self.is_async = self.algorithm.needs.mode == "async"
 
     # --- setup -------------------------------------------------------------
     def _start_roles(self) -> None:
@@ -60,7 +62,8 @@ class Trainer:
 
             ensure_reward_service(cfg.reward.components, cfg.reward.serve_app)
         self.learner = LearnerHandle(cfg)
-        self.rollouts = RolloutGroup(cfg, keep_eps=self.algorithm.needs.keep_eps)
+        # Sync algorithms sample inside the learner; rollout actors exist only for async ones.
+        self.rollouts = RolloutGroup(cfg, self.algorithm.needs) if self.is_async else None
 
     def _resume(self) -> None:
         found = ckpt.resolve_resume(self.cfg.output.resume, self.run_dir)
@@ -100,35 +103,58 @@ class Trainer:
         self._start_roles()
         self._resume()
         logger = MetricsLogger(self.run_dir, cfg.output.tensorboard, resume_step=self.start_epoch - 1 if self.start_epoch else None)
-        S = cfg.train.max_staleness
-        self.rollouts.push_weights(self.learner.publish())
+        self.records = ExperienceWriter(self.run_dir, self.start_epoch, cfg.output.record_tensors) if (self.is_async and cfg.output.experience_records) else None
+        if self.rollouts:
+            self.rollouts.push_weights(self.learner.publish())
         bar = tqdm(range(self.start_epoch, cfg.train.num_epochs), desc="epochs", disable=not cfg.output.progress)
         try:
             for epoch in bar:
-                t0 = time.perf_counter()
-                for ahead in range(epoch, min(epoch + S, cfg.train.num_epochs - 1) + 1):
-                    self.rollouts.dispatch(ahead, self.batch_requests(ahead))
-                batch = self._collect(epoch, self.learner.version)
-                t_wait = time.perf_counter() - t0
-                staleness = self.learner.version - batch.version
-                batch = self.algorithm.prepare(batch)
-                train_metrics = self.learner.train(batch)
-                t_sync = time.perf_counter()
-                self.rollouts.push_weights(self.learner.publish())
-                t_sync = time.perf_counter() - t_sync
-                metrics = self._epoch_metrics(batch, train_metrics, staleness, t_wait, t_sync, time.perf_counter() - t0)
+                metrics, images, captions = self.train_epoch(epoch) if self.is_async else self.train_epoch_sync(epoch)
                 logger.log(epoch, metrics)
-                bar.set_postfix(reward=f"{metrics['reward/mean']:.4f}")
-                if cfg.output.image_grid_every and epoch % cfg.output.image_grid_every == 0:
-                    logger.log_images(epoch, batch.images[:16], batch.prompts[:16])
+                bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.4f}")
+                if cfg.output.image_grid_every and epoch % cfg.output.image_grid_every == 0 and images is not None:
+                    logger.log_images(epoch, images[:16], captions[:16])
                 last = epoch == cfg.train.num_epochs - 1
                 if last or (cfg.output.checkpoint_every and (epoch + 1) % cfg.output.checkpoint_every == 0):
                     self.save(epoch)
         finally:
             logger.close()
-            self.rollouts.shutdown()
+            if self.records:
+                self.records.close()
+            if self.rollouts:
+                self.rollouts.shutdown()
+            self.learner.shutdown()
         return self.run_dir
 
+    def train_epoch(self, epoch: int):
+        """Async algorithms: collect (dispatching up to S epochs ahead), prepare, learn, publish."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        S = cfg.train.max_staleness
+        for ahead in range(epoch, min(epoch + S, cfg.train.num_epochs - 1) + 1):
+            self.rollouts.dispatch(ahead, self.batch_requests(ahead))
+        batch = self._collect(epoch, self.learner.version)
+        t_wait = time.perf_counter() - t0
+        staleness = self.learner.version - batch.version
+        batch = self.algorithm.prepare(batch)
+        train_metrics = self.learner.train(batch)
+        t_sync = time.perf_counter()
+        self.rollouts.push_weights(self.learner.publish())
+        t_sync = time.perf_counter() - t_sync
+        metrics = self._epoch_metrics(batch, train_metrics, staleness, t_wait, t_sync, time.perf_counter() - t0)
+        if self.records:
+            self.records.write(epoch, batch, self.learner.version - 1, {"rollout_wait_s": t_wait, "learner_step_s": train_metrics.get("time/learner_step_s", 0.0), "sync_s": t_sync})
+        return metrics, batch.images, batch.prompts
+
+    def train_epoch_sync(self, epoch: int):
+        """Sync algorithms: the learner samples with gradients from a prompt batch and reports its own rewards."""
+        t0 = time.perf_counter()
+        prompts = [p for _, ps, _ in self.batch_requests(epoch) for p in ps]
+        seed = int(np.random.default_rng([self.cfg.train.seed, epoch, 7]).integers(0, 2**31 - 1))
+        metrics = self.learner.train(PromptBatch(prompts, seed, self.learner.version))
+        images = metrics.pop("images", None)
+        metrics.update({"policy/version": self.learner.version, "time/epoch_s": time.perf_counter() - t0,
+                        "throughput/samples_per_s": len(prompts) / max(time.perf_counter() - t0, 1e-9)})
+        return metrics, images, prompts
     def save(self, epoch: int) -> Path:
         def write(d: Path) -> None:
             self.learner.save(str(d / "learner"))
@@ -145,8 +171,12 @@ class Trainer:
         m.update(train_metrics)
         m.update({
             "policy/version": self.learner.version, "policy/staleness": staleness, "policy/dropped_batches": self.gate.dropped,
+            "policy/reissued_batches": self.rollouts.reissued,
+            **{f"policy/staleness_hist_{k}": v for k, v in sorted(self.gate.histogram.items())},
+            "reward/calls_per_batch": batch.timings.get("reward_calls", 1) / max(1, self.cfg.train.batches_per_epoch * self.cfg.rollout.num_workers),
             "time/rollout_wait_s": t_wait, "time/sync_s": t_sync, "time/epoch_s": t_epoch,
             "time/sample_s": batch.timings.get("sample_s", 0.0), "time/reward_s": batch.timings.get("reward_s", 0.0),
+            "reward/round_trips": batch.timings.get("reward_calls", 0),  # reward-service calls made for this epoch's batches
             "throughput/samples_per_s": len(batch) / max(t_epoch, 1e-9),
         })
         return m

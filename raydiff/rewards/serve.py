@@ -29,6 +29,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any, Literal
 
@@ -230,10 +231,6 @@ def decode_item(item: ImageItem, max_pixels: int) -> np.ndarray | str:
     return arr
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class BodyLimit:
     """ASGI middleware: 413 once a request body passes the limit (Content-Length or streamed).
 
@@ -253,27 +250,32 @@ class BodyLimit:
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > BodyLimit.max_bytes:
             return await self._reject(send, int(length))
-        seen, started = 0, False
+        seen, rejected = 0, False
 
         async def limited_receive():
-            nonlocal seen
+            # Past the limit: answer 413 ourselves and tell the app the client left. (Raising here
+            # would be turned into a 400 by FastAPI's body parsing.)
+            nonlocal seen, rejected
+            if rejected:
+                return {"type": "http.disconnect"}
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > BodyLimit.max_bytes:
-                    raise _TooLarge()
+                    rejected = True
+                    await self._reject(send, seen)
+                    return {"type": "http.disconnect"}
             return msg
 
-        async def tracking_send(msg):
-            nonlocal started
-            started = started or msg["type"] == "http.response.start"
-            await send(msg)
+        async def guarded_send(msg):
+            if not rejected:  # drop whatever the app answers after our 413
+                await send(msg)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await self._reject(send, seen)
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not rejected:
+                raise
 
     async def _reject(self, send, size: int):
         resp = JSONResponse({"detail": f"request body is {size}+ bytes, over max_body_bytes={BodyLimit.max_bytes}"},
@@ -304,6 +306,15 @@ api = FastAPI(
 class _Unavailable(Exception):
     def __init__(self, detail: str):
         self.detail = detail
+
+
+class _TooManyImages(Exception):
+    def __init__(self, n: int):
+        self.n = n
+
+
+# Everything the ingress uses must exist before @serve.ingress: Serve captures the app at decoration.
+api.add_middleware(BodyLimit)
 
 
 @api.exception_handler(RequestValidationError)
@@ -473,12 +484,6 @@ class RewardIngress:
         return await self._guard(request, run)
 
 
-class _TooManyImages(Exception):
-    def __init__(self, n: int):
-        self.n = n
-
-
-api.add_middleware(BodyLimit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_service_config(a.config, host=a.host, port=a.port)
     joined = bool(os.environ.get("RAY_ADDRESS"))
     ray.init(address=os.environ.get("RAY_ADDRESS") or None)
-    stop = asyncio.Event()
+    stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         url = deploy(cfg)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from raydiff.sampling.ddim import ddim_step
+from raydiff.sampling.ddim import alphas_at, ddim_step
 from raydiff.types import Conditioning, Trajectory
 
 
@@ -26,8 +26,11 @@ def autocast_for(model):
     return contextlib.nullcontext()
 
 
-def predict_noise(model, x: torch.Tensor, t, cond: Conditioning, guidance_scale: float, unet=None) -> torch.Tensor:
-    """ε̂(x_t, t, c) with classifier-free guidance: ε_u + w (ε_c − ε_u), both branches in one call."""
+def predict_noise(model, x: torch.Tensor, t, cond: Conditioning, guidance_scale: float, unet=None, return_cond: bool = False):
+    """ε̂(x_t, t, c) with classifier-free guidance: ε_u + w (ε_c − ε_u), both branches in one call.
+
+    `return_cond=True` returns (ε̂, ε_c): the conditional branch comes free with CFG.
+    """
     unet = unet or model.unet
     cfg = guidance_scale > 1.0
     x_in = torch.cat([x, x]) if cfg else x
@@ -40,9 +43,10 @@ def predict_noise(model, x: torch.Tensor, t, cond: Conditioning, guidance_scale:
     with autocast_for(model):
         out = unet(x_in.to(embeds.dtype) if not x_in.is_floating_point() else x_in, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
     if not cfg:
-        return out
+        return (out, out) if return_cond else out
     eps_u, eps_c = out.chunk(2)
-    return eps_u + guidance_scale * (eps_c - eps_u)
+    eps = eps_u + guidance_scale * (eps_c - eps_u)
+    return (eps, eps_c) if return_cond else eps
 
 
 @torch.no_grad()
@@ -57,6 +61,15 @@ def decode_float(model, latents: torch.Tensor) -> torch.Tensor:
     z = latents.to(vae.dtype) / vae.config.scaling_factor
     img = vae.decode(z, return_dict=False)[0]
     return (img.float() / 2 + 0.5).clamp(0, 1)
+
+
+def predict_x0(scheduler, eps: torch.Tensor, t, x_t: torch.Tensor) -> torch.Tensor:
+    """x̂_0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t, clipped like `ddim_step` when the scheduler clips."""
+    a_t = alphas_at(scheduler, t)[0].to(x_t.device)
+    x0 = (x_t - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
+    if scheduler.config.clip_sample:
+        x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
+    return x0
 
 
 def initial_noise(model, n: int, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -76,14 +89,21 @@ def sample(
     generator: Optional[torch.Generator] = None,
     version: int = 0,
     keep_eps: bool = False,
+    keep_x0: bool = False,
     latents: Optional[torch.Tensor] = None,
+    x0_guidance: str = "cfg",
     progress: bool = False,
 ) -> Trajectory:
-    """Run the DDIM chain; returns latents x_T..x_0, log-probs, images. `keep_eps` stores ε̂ per step (extras['eps'])."""
+    """Run the DDIM chain; returns latents x_T..x_0, log-probs, images.
+
+    `keep_eps` stores ε̂ per step (extras['eps'], (N, T, C, h, w)); `keep_x0` stores the
+    predicted x̂_0 per step (extras['x0_pred'], same shape) for intermediate rewards, from the CFG ε̂
+    (`x0_guidance='cfg'`) or from the conditional branch alone (`'cond'`, free: CFG computes it anyway).
+    """
     sched = model.scheduler
     sched.set_timesteps(num_steps, device=model.device)
     x = initial_noise(model, len(prompts), generator) if latents is None else latents
-    xs, log_probs, eps_all = [x], [], []
+    xs, log_probs, eps_all, x0_all = [x], [], [], []
     steps = sched.timesteps
     it = steps
     if progress:
@@ -92,13 +112,16 @@ def sample(
         it = tqdm(steps, desc="sampling", leave=False)
     for t in it:
         x_in = sched.scale_model_input(x, t)
-        eps = predict_noise(model, x_in, t, cond, guidance_scale)
+        eps, eps_c = predict_noise(model, x_in, t, cond, guidance_scale, return_cond=True)
         out = ddim_step(sched, eps, t, x, eta, generator=generator)
         x = out.prev_sample.to(model.dtype)
         xs.append(x)
         log_probs.append(out.log_prob)
         if keep_eps:
             eps_all.append(eps.float().cpu())
+        if keep_x0:
+            x0 = out.pred_original_sample if x0_guidance == "cfg" else predict_x0(sched, eps_c, t, x)
+            x0_all.append(x0.float().cpu())
     images = decode_images(model, x)
     traj = Trajectory(
         prompts=list(prompts),
@@ -114,4 +137,6 @@ def sample(
     )
     if keep_eps:
         traj.extras["eps"] = torch.stack(eps_all, dim=1)
+    if keep_x0:
+        traj.extras["x0_pred"] = torch.stack(x0_all, dim=1)
     return traj
