@@ -79,7 +79,9 @@ class RolloutSection(Section):
 
 
 class LearnerSection(Section):
-    num_workers: int = Field(1, ge=1, description="Data-parallel learner workers (Ray Train).")
+    engine: Literal["deepspeed", "torch"] = Field("deepspeed", description="deepspeed: Ray Train workers each stepping a DeepSpeed ZeRO engine; torch: one plain-AdamW learner actor (debugging).")
+    num_workers: int = Field(1, ge=1, description="Data-parallel learner workers (Ray Train); engine=torch needs 1.")
+    max_failures: int = Field(2, ge=0, description="Ray Train restarts of the learner workers; they resume from the run's latest checkpoint.")
     use_gpu: bool = Field(False, description="One GPU per learner worker.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs per learner worker.")
     resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per learner worker.")

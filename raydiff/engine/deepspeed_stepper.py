@@ -139,9 +139,14 @@ class DeepSpeedStepper:
                  accumulation_steps: int = 1, use_gpu: bool = False):
         import deepspeed
 
-        params = list(params)
-        if not params:
+        from raydiff.engine.optim import as_param_groups
+
+        groups = as_param_groups(params)
+        if not groups[0]["params"]:
             raise ValueError("no trainable parameters: check model.finetune and model.lora.target_modules")
+        # DeepSpeed takes torch-style groups; our `name` key is ours alone.
+        ds_groups = [{k: v for k, v in g.items() if k != "name"} for g in groups]
+        params = [p for g in groups for p in g["params"]]
         init_distributed(use_gpu)
         self.cfg = learner_cfg
         self.use_gpu = use_gpu
@@ -152,8 +157,9 @@ class DeepSpeedStepper:
         self.last_grad_norm = 0.0
         config = deepspeed_config(learner_cfg, self.accumulation_steps, use_gpu)
         self.zero_stage = int(config["zero_optimization"]["stage"])
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=config)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, model_parameters=ds_groups, config=config)
         self.params = params
+        self.group_grad_norms: dict[str, float] = {}  # DeepSpeed clips all groups by one global norm
 
     # -- stepping ---------------------------------------------------------------------------
     @property

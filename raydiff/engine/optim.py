@@ -45,15 +45,35 @@ class TorchStepper:
         self.accumulation_steps = max(1, steps)
         self.micro_step = 0
 
-    def backward(self, loss: torch.Tensor) -> bool:
-        """Accumulate grads of `loss`; returns True when this call made an optimiser step."""
+    def backward(self, loss: torch.Tensor, groups: list[str] | None = None) -> bool:
+        """Accumulate grads of `loss`; returns True when this call made an optimiser step.
+
+        `groups` (names, e.g. ["assistant"]) steps only those groups at this boundary,
+        for alternating updates of several networks: the other groups' grads are
+        dropped (set to None) before the step, and torch's AdamW skips params whose
+        grad is None, so they do not move at all (no weight decay, no moment decay, no
+        step count). Zeroing their grads instead would NOT freeze them: AdamW still
+        applies weight decay and the running moments. None = every group. Their
+        `group_grad_norms` entries keep the value of the last step that trained them.
+        """
         (loss / self.accumulation_steps).backward()
         self.micro_step += 1
         if self.micro_step % self.accumulation_steps:
             return False
-        norms = [float(torch.nn.utils.clip_grad_norm_(g["params"], self.cfg.max_grad_norm)) for g in self.groups]
-        self.last_grad_norm = norms[0]
-        self.group_grad_norms = {g.get("name", str(i)): n for i, (g, n) in enumerate(zip(self.groups, norms))}
+        names = [g.get("name", str(i)) for i, g in enumerate(self.groups)]
+        if groups is not None:
+            unknown = sorted(set(groups) - set(names))
+            if unknown:
+                raise ValueError(f"unknown optimiser groups {unknown}; groups are {names}")
+        stepped = [i for i, n in enumerate(names) if groups is None or n in groups]
+        for i, g in enumerate(self.groups):
+            if i not in stepped:
+                for p in g["params"]:
+                    p.grad = None
+        for i in stepped:
+            self.group_grad_norms[names[i]] = float(torch.nn.utils.clip_grad_norm_(self.groups[i]["params"], self.cfg.max_grad_norm))
+        if 0 in stepped:
+            self.last_grad_norm = self.group_grad_norms[names[0]]
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1

@@ -47,7 +47,7 @@ def connect_ray(cfg: RunConfig) -> None:
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self.run_dir = Path(cfg.run_dir)
+        self.run_dir = Path(cfg.run_dir).resolve()  # workers (Ray Train) run in other cwds
         self.prompts = load_prompts(cfg.prompts.source, cfg.prompts.column, cfg.prompts.limit)
         self.algorithm = make_algorithm(cfg.algorithm, cfg.sampling)
         self.gate = StalenessGate(cfg.train.max_staleness, cfg.train.stale_policy, cfg.train.stale_weight)
@@ -61,7 +61,14 @@ class Trainer:
             from raydiff.rewards.client import ensure_reward_service
 
             ensure_reward_service(cfg.reward.components, cfg.reward.serve_app)
-        self.learner = LearnerHandle(cfg)
+        if cfg.learner.engine == "deepspeed":
+            from raydiff.engine.distributed import GroupLearnerHandle
+
+            self.learner = GroupLearnerHandle(cfg, str(self.run_dir))
+        elif cfg.learner.num_workers != 1:
+            raise ValueError(f"learner.num_workers={cfg.learner.num_workers} needs learner.engine=deepspeed (engine=torch is one process)")
+        else:
+            self.learner = LearnerHandle(cfg)
         # Sync algorithms sample inside the learner; rollout actors exist only for async ones.
         self.rollouts = RolloutGroup(cfg, self.algorithm.needs) if self.is_async else None
 
@@ -161,7 +168,10 @@ class Trainer:
             ckpt.save_driver_state(d, {"epoch": epoch, "algorithm": self.algorithm.state_dict(), "version": self.learner.version})
             (d / "config.yaml").write_text(to_yaml(self.cfg))
 
-        return ckpt.save_checkpoint(self.run_dir, epoch, write)
+        path = ckpt.save_checkpoint(self.run_dir, epoch, write)
+        if hasattr(self.learner, "mark_complete"):
+            self.learner.mark_complete(str(path / "learner"))
+        return path
 
     def _epoch_metrics(self, batch, train_metrics, staleness, t_wait, t_sync, t_epoch) -> dict:
         r = np.asarray(batch.rewards, np.float64)

@@ -1,0 +1,174 @@
+"""Data-parallel learners: the same `Learner` on every Ray Train worker, stepping a DeepSpeed engine.
+
+    driver (Trainer) ── GroupLearnerHandle.train(batch) ──► LearnerGroup.run([shard_0..shard_{W-1}])
+                                                              rank r: DistributedLearner.run_task(("train", shard_r))
+    publish(): every rank gathers (collective under ZeRO-3); rank 0 puts the update
+    into the object store and only its ObjectRef travels back to the driver.
+
+Invariant: every rank runs every task in the same order with the same number of
+backward calls (the DeepSpeed boundary step is a collective); shards therefore
+differ in size by at most one sample and minibatch counts come from the
+algorithm's config, not the shard length.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import ray
+import torch
+
+from raydiff.engine.learner import Learner
+from raydiff.models.lora import export_weights, state_checksum
+
+
+class _Container(torch.nn.Module):
+    """UNet plus algorithm modules as one module, so ZeRO-3 partitions and gathers all of them."""
+
+    def __init__(self, unet, modules: dict):
+        super().__init__()
+        self.unet = unet
+        self.extra = torch.nn.ModuleDict(modules)
+
+
+class DistributedLearner:
+    """What runs inside each Ray Train worker: a Learner whose stepper is DeepSpeed."""
+
+    def __init__(self, cfg, rank: int, world_size: int, resume_from: str | None = None):
+        from raydiff.engine.deepspeed_stepper import DeepSpeedStepper
+
+        use_gpu = cfg.learner.use_gpu and torch.cuda.is_available()
+
+        def stepper(groups, learner_cfg, acc):
+            self.container = _Container(self.learner.model.unet, self.learner.modules)
+            return DeepSpeedStepper(self.container, groups, learner_cfg, acc, use_gpu)
+
+        self.learner = _PreStepperLearner(cfg, rank, world_size, stepper, self)
+        if resume_from:
+            self.load(resume_from)
+
+    def run_task(self, task):
+        kind = task[0]
+        if kind == "train":
+            metrics = self.learner.train(task[1])
+            self.learner.version = task[2]  # the driver's count: stays right across worker restarts
+            return metrics
+        if kind == "publish":
+            return self.publish()
+        if kind == "checksum":
+            return state_checksum(self._unet_state())
+        if kind == "save":
+            return self.save(task[1])
+        if kind == "load":
+            return self.load(task[1])
+        raise ValueError(f"unknown learner task {kind!r}")
+
+    def _unet_state(self) -> dict:
+        full = self.learner.stepper.gathered_trainable_state()
+        return {k[len("unet."):]: v for k, v in full.items() if k.startswith("unet.")}
+
+    def publish(self):
+        state = self._unet_state()  # collective under ZeRO-3: every rank calls it
+        if self.learner.rank != 0:
+            return None
+        update = {"version": self.learner.version, "state": state, "checksum": state_checksum(state)}
+        return [ray.put(update)]  # wrapped: a bare ObjectRef would be resolved on return
+
+    def save(self, directory: str) -> str:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        L = self.learner
+        L.stepper.save_checkpoint(str(d / "deepspeed"), tag="state",
+                                  client_state={"version": L.version, "rng": L.rng.get_state()})
+        state = self._unet_state()
+        if L.rank == 0:
+            torch.save({"weights": state, "version": L.version}, d / "learner.pt")
+            from raydiff.models.lora import load_trainable_state_dict
+
+            load_trainable_state_dict(L.model.unet, state) if L.stepper.zero_stage == 3 else None
+            if L.stepper.zero_stage != 3:
+                export_weights(L.model, d / "export")
+        return str(d)
+
+    def load(self, directory: str) -> int:
+        L = self.learner
+        client = L.stepper.load_checkpoint(str(Path(directory) / "deepspeed"), tag="state")
+        L.version = client["version"]
+        L.rng.set_state(client["rng"])
+        return L.version
+
+
+class _PreStepperLearner(Learner):
+    """A Learner whose stepper factory may look at the built model (DeepSpeed wraps it)."""
+
+    def __init__(self, cfg, rank, world_size, stepper_factory, owner):
+        owner.learner = self
+        super().__init__(cfg, rank, world_size, stepper_factory=stepper_factory)
+
+
+class GroupLearnerHandle:
+    """Driver-side: the LearnerHandle interface over a Ray Train LearnerGroup."""
+
+    def __init__(self, cfg, run_dir: str):
+        from raydiff.engine.learner_group import LearnerGroup
+
+        self.cfg = cfg
+        self.world = cfg.learner.num_workers
+        # Restarted workers (Ray Train FailureConfig) load what this file names: the
+        # checkpoint the driver saved or resumed from last in this run.
+        self.restart_file = Path(run_dir) / "ray_train" / "restart_from"
+        self.restart_file.parent.mkdir(parents=True, exist_ok=True)
+        self.restart_file.unlink(missing_ok=True)
+        self.group = LearnerGroup(_WorkerFactory(cfg, str(self.restart_file)), cfg.learner,
+                                  storage_path=str(self.restart_file.parent),
+                                  name=f"learner-{uuid.uuid4().hex[:8]}", max_failures=cfg.learner.max_failures).start()
+        self.version = 0
+
+    def _mark_restart_point(self, directory: str) -> None:
+        tmp = self.restart_file.with_suffix(".tmp")
+        tmp.write_text(directory)
+        os.replace(tmp, self.restart_file)
+
+    def train(self, batch) -> dict:
+        shards = [batch.shard(r, self.world) for r in range(self.world)]
+        results = self.group.run([("train", s, self.version + 1) for s in shards])
+        self.version += 1
+        merged = {}
+        for k, v in results[0].items():
+            vals = [r[k] for r in results if k in r]
+            merged[k] = sum(vals) / len(vals) if isinstance(v, (int, float)) else v
+        return merged
+
+    def publish(self):
+        return self.group.run([("publish",)] * self.world)[0][0]
+
+    def checksums(self) -> list[str]:
+        return self.group.run([("checksum",)] * self.world)
+
+    def save(self, directory: str) -> None:
+        self.group.run([("save", directory)] * self.world)
+
+    def mark_complete(self, directory: str) -> None:
+        """Called once the checkpoint holding `directory` is published: restarts resume from it."""
+        self._mark_restart_point(directory)
+
+    def load(self, directory: str) -> None:
+        self.version = self.group.run([("load", directory)] * self.world)[0]
+        self._mark_restart_point(directory)
+
+    def shutdown(self) -> None:
+        self.group.shutdown()
+
+
+class _WorkerFactory:
+    """Picklable `make_worker(rank, world)` for LearnerGroup; a restarted worker resumes from the restart file."""
+
+    def __init__(self, cfg, restart_file: str):
+        self.cfg, self.restart_file = cfg, restart_file
+
+    def __call__(self, rank: int, world_size: int) -> DistributedLearner:
+        f = Path(self.restart_file)
+        resume = f.read_text().strip() if f.is_file() else None
+        return DistributedLearner(self.cfg, rank, world_size, resume)
