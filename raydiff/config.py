@@ -75,6 +75,8 @@ class RolloutSection(Section):
     num_cpus: float = Field(1.0, ge=0, description="CPUs per rollout worker.")
     resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per rollout worker (e.g. {rollout: 1}) to pin it to a node type.")
     max_restarts: int = Field(3, ge=0, description="Times Ray restarts a crashed rollout worker; its lost batch is re-issued.")
+    placement_strategy: Literal["SPREAD", "PACK", "STRICT_PACK", "STRICT_SPREAD"] = Field("SPREAD", description="Placement group strategy for the rollout workers (SPREAD: across nodes when possible).")
+    placement_timeout_s: float = Field(900.0, gt=0, description="How long to wait for the cluster (or autoscaler) to place the rollout workers before failing.")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per rollout worker on CPU.")
 
 
@@ -103,6 +105,7 @@ class TrainSection(Section):
     max_staleness: int = Field(0, ge=0, description="Max policy versions a batch may lag the learner; 0 = synchronous on-policy.")
     stale_policy: Literal["drop", "keep"] = Field("drop", description="Batches older than max_staleness: drop and re-sample, or keep with a damped weight.")
     stale_weight: float = Field(0.5, gt=0, le=1, description="With stale_policy=keep: weight per version beyond max_staleness.")
+    verify_weights_every: int = Field(0, ge=0, description="Every N epochs check that all learner ranks and rollout workers hold bit-identical weights (0 = never; a mismatch stops the run).")
 
 
 class OutputSection(Section):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -26,35 +26,48 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
-def _model_at(model_cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
-    """Walk `loc` through nested Section types to find the model that owns the last key."""
+def _sections_in(annotation: Any) -> list:
+    """Section classes inside an annotation (through Optional / Union / Annotated / list[...])."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if get_origin(annotation) is Annotated:
+        return _sections_in(get_args(annotation)[0])
+    out = []
+    for arg in getattr(annotation, "__args__", ()) or ():
+        out += _sections_in(arg)
+    return out
+
+
+def _model_at(model_cls: type[BaseModel], loc: tuple) -> tuple[type[BaseModel] | None, tuple]:
+    """Walk `loc` through nested Section types: (model that owns the last key, loc without union tags).
+
+    A tagged union of Sections (e.g. `algorithm`, tagged by `name`) puts its tag in pydantic's
+    error location (`algorithm.ddpo.clip_rnge`); users write `algorithm.clip_rnge`, so the tag
+    is dropped from the shown path and selects the member class.
+    """
     cls: Any = model_cls
+    members: list | None = None
+    shown: list = []
     for part in loc[:-1]:
-        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
-            return None
-        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
-            cls = _union_member(cls, part)
+        if members is not None:  # the previous key was a tagged union: this part is its tag
+            pick = next((m for m in members if m.model_fields["name"].default == part), None)
+            members = None
+            if pick is not None:
+                cls = pick
+                continue
+        shown.append(part)
+        if cls is None:
             continue
         field = cls.model_fields.get(part) if isinstance(part, str) else None
         if field is None:
             continue  # list index: stay on the current class
-        ann = field.annotation
-        cls = _unwrap(ann) if _union_member(ann, None) is None else ann
-    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
-
-
-def _union_member(annotation: Any, tag: Any) -> Any:
-    """For a tagged union of Sections, the member whose `name` default equals `tag` (None: is it a union?)."""
-    members = [a for a in (getattr(annotation, "__args__", ()) or ()) if isinstance(a, type) and issubclass(a, BaseModel)]
-    if len(members) < 2 and not (members and "name" in members[0].model_fields):
-        return None
-    if tag is None:
-        return members
-    for m in members:
-        f = m.model_fields.get("name")
-        if f is not None and f.default == tag:
-            return m
-    return None
+        secs = _sections_in(field.annotation)
+        if len(secs) > 1 and all("name" in m.model_fields for m in secs):
+            cls, members = None, secs
+        else:
+            cls = secs[0] if len(secs) == 1 else None
+    owner = cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+    return owner, tuple(shown) + tuple(loc[-1:])
 
 
 def _unwrap(annotation: Any) -> Any:
@@ -72,10 +85,9 @@ def format_validation_error(err: ValidationError, root: type[BaseModel]) -> str:
     """Turn pydantic's error list into lines like `sampling.num_step: unknown key (did you mean 'num_steps'?)`."""
     lines = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"])
+        owner, loc = _model_at(root, tuple(e["loc"]))
         path = ".".join(str(p) for p in loc) or "<root>"
         if e["type"] == "extra_forbidden":
-            owner = _model_at(root, loc)
             valid = sorted(owner.model_fields) if owner else []
             close = difflib.get_close_matches(str(loc[-1]), valid, n=3, cutoff=0.5)
             hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""

@@ -26,13 +26,9 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 
 import ray  # noqa: E402
 
+from _private_head import free_port, kill_own, own_pids  # noqa: E402,F401
+
 IDLE_TIMEOUT_MIN = 0.1  # 6 s
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fake_config(gcs_port: int) -> dict:
@@ -70,49 +66,6 @@ def fake_config(gcs_port: int) -> dict:
         "rsync_exclude": [],
         "rsync_filter": [],
     }
-
-
-def own_pids(tmpdir: str) -> list[int]:
-    """Ray processes of this cluster: every one names its session dir under TMPDIR.
-
-    (Matching TMPDIR alone would also hit our parents, whose argv carries it.)"""
-    marker = os.path.join(tmpdir, "session_").encode()
-    pids = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if marker in f.read():
-                    pids.append(int(pid))
-        except OSError:
-            pass
-    return pids
-
-
-def kill_own(tmpdir: str, grace_s: float = 3.0) -> None:
-    """SIGTERM, then SIGKILL, every process started for this cluster (named by TMPDIR)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = own_pids(tmpdir)
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + grace_s
-        while pids and time.time() < deadline:
-            pids = [p for p in pids if os.path.exists(f"/proc/{p}") and not _zombie(p)]
-            time.sleep(0.2)
-        if not pids:
-            return
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def role_nodes() -> dict[str, int]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 from typing import Annotated, Union
 
-from pydantic import Field
+from pydantic import Discriminator, Tag
 
 _MODULES = ["raydiff.algorithms.ddpo", "raydiff.algorithms.alignprop", "raydiff.algorithms.draft", "raydiff.algorithms.drtune", "raydiff.algorithms.dag", "raydiff.algorithms.diffinstruct_pp"]
 _ALGORITHMS = {}
@@ -17,8 +17,16 @@ for _mod_name in _MODULES:
 _configs = tuple(a.config_cls for a in _ALGORITHMS.values())
 if len(_configs) == 1:
     AlgorithmConfig = _configs[0]
-else:  # tagged union: `algorithm.name` picks the class, errors name the algorithm
-    AlgorithmConfig = Annotated[Union[_configs], Field(discriminator="name")]
+else:  # tagged union: `algorithm.name` picks the class (the first algorithm's when omitted), errors name the algorithm
+    _DEFAULT_NAME = _configs[0].model_fields["name"].default
+
+    def _algorithm_tag(value) -> str:
+        return value.get("name", _DEFAULT_NAME) if isinstance(value, dict) else getattr(value, "name", _DEFAULT_NAME)
+
+    AlgorithmConfig = Annotated[
+        Union[tuple(Annotated[c, Tag(c.model_fields["name"].default)] for c in _configs)],
+        Discriminator(_algorithm_tag),
+    ]
 
 
 def default_algorithm_config():

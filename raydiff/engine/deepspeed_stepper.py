@@ -160,6 +160,7 @@ class DeepSpeedStepper:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, model_parameters=ds_groups, config=config)
         self.params = params
         self.group_grad_norms: dict[str, float] = {}  # DeepSpeed clips all groups by one global norm
+        self.group_names = [g.get("name", str(i)) for i, g in enumerate(groups)]  # order of optimizer.param_groups
 
     # -- stepping ---------------------------------------------------------------------------
     @property
@@ -188,8 +189,14 @@ class DeepSpeedStepper:
         self.accumulation_steps = max(1, int(steps))
         self.engine.set_train_batch_size(self.engine.train_micro_batch_size_per_gpu() * self.accumulation_steps * self.engine.dp_world_size)
 
-    def backward(self, loss: torch.Tensor) -> bool:
+    def backward(self, loss: torch.Tensor, groups: Optional[list[str]] = None) -> bool:
         """engine.backward (loss scaled by 1/accumulation) + engine.step; True when the weights changed.
+
+        `groups` (names) steps only those optimiser groups at this boundary, as in
+        TorchStepper: the others get lr = 0 for the step, so their weights do not move
+        (AdamW's decoupled decay is lr·wd, also 0). Unlike TorchStepper, ZeRO fills their
+        missing grads with zeros, so their Adam moments still decay by β1/β2 and their
+        step count advances; clipping stays one global norm over all groups.
 
         Invariant: every rank calls backward the same number of times with the
         same accumulation, because the boundary call all-reduces (ZeRO-0/1),
@@ -201,7 +208,20 @@ class DeepSpeedStepper:
         self.engine.set_gradient_accumulation_boundary(boundary)
         before = self.engine.global_steps
         self.engine.backward(loss)
-        self.engine.step()
+        frozen = []
+        if groups is not None and boundary:
+            unknown = sorted(set(groups) - set(self.group_names))
+            if unknown:
+                raise ValueError(f"unknown optimiser groups {unknown}; groups are {self.group_names}")
+            for name, pg in zip(self.group_names, self.optimizer.param_groups):
+                if name not in groups:
+                    frozen.append((pg, pg["lr"]))
+                    pg["lr"] = 0.0
+        try:
+            self.engine.step()
+        finally:
+            for pg, lr in frozen:
+                pg["lr"] = lr
         self.micro_step = 0 if boundary else self.micro_step + 1
         stepped = self.engine.global_steps > before
         if stepped:

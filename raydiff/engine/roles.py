@@ -37,11 +37,18 @@ class RolloutGroup:
     """N RolloutWorker actors; batches are dispatched per epoch and re-issued if an actor dies."""
 
     def __init__(self, cfg, needs=None):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from raydiff.engine.placement import create_placement_group, role_bundles
+
         r = cfg.rollout
+        # The pending placement group is the autoscaler's demand; impossible asks fail at once.
+        self.pg = create_placement_group("rollout", role_bundles(r), strategy=r.placement_strategy, timeout_s=r.placement_timeout_s)
         self.actors = [
             ray.remote(RolloutWorker)
             .options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, resources=r.resources or None,
-                     max_restarts=r.max_restarts, max_task_retries=0, name=f"raydiff-rollout-{i}-{id(self):x}")
+                     max_restarts=r.max_restarts, max_task_retries=0, name=f"raydiff-rollout-{i}-{id(self):x}",
+                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i))
             .remote(cfg, i, needs)
             for i in range(r.num_workers)
         ]
@@ -88,11 +95,22 @@ class RolloutGroup:
             a.set_weights.remote(update_ref)
 
     def checksums(self) -> list[tuple[int, str]]:
-        return ray.get([a.weights_checksum.remote() for a in self.actors])
+        """(version, checksum) per worker after its queued updates; a restarted worker gets the latest update first."""
+        out = []
+        for a in self.actors:
+            try:
+                out.append(ray.get(a.weights_checksum.remote()))
+            except RayActorError:
+                _wait_alive(a)
+                if self.latest_update is not None:
+                    ray.get(a.set_weights.remote(self.latest_update))
+                out.append(ray.get(a.weights_checksum.remote()))
+        return out
 
     def shutdown(self) -> None:
         for a in self.actors:
             ray.kill(a, no_restart=True)
+        ray.util.remove_placement_group(self.pg)
 
 
 class LearnerHandle:
@@ -120,6 +138,10 @@ class LearnerHandle:
     def load(self, directory: str) -> None:
         ray.get(self.actor.load.remote(directory))
         self.version = ray.get(self.actor.__ray_call__.remote(lambda self: self.version))
+
+    def checksums(self) -> list[str]:
+        update = ray.get(self.publish())
+        return [update["checksum"]]
 
     def shutdown(self) -> None:
         ray.kill(self.actor, no_restart=True)

@@ -38,7 +38,8 @@ def connect_ray(cfg: RunConfig) -> None:
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"RAYDIFF_CACHE": os.environ.get("RAYDIFF_CACHE", "")}} if os.environ.get("RAYDIFF_CACHE") else None
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        # Joining: the cluster (or `ray job submit --runtime-env-json`) owns the runtime env.
+        ray.init(address=address, log_to_driver=True)
         return
     demand = cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.learner.num_workers * cfg.learner.num_cpus + 1
     ray.init(num_cpus=max(os.cpu_count() or 1, int(np.ceil(demand))), include_dashboard=False, runtime_env=env)
@@ -56,7 +57,13 @@ class Trainer:
 
     # --- setup -------------------------------------------------------------
     def _start_roles(self) -> None:
+        from raydiff.engine.placement import check_feasible, role_bundles
+
         cfg = self.cfg
+        # Fail at once, naming the role and the fix, if no node type could ever hold an ask.
+        check_feasible("learner", role_bundles(cfg.learner))
+        if self.is_async:
+            check_feasible("rollout", role_bundles(cfg.rollout))
         if cfg.reward.backend == "serve":
             from raydiff.rewards.client import ensure_reward_service
 
@@ -117,6 +124,8 @@ class Trainer:
         try:
             for epoch in bar:
                 metrics, images, captions = self.train_epoch(epoch) if self.is_async else self.train_epoch_sync(epoch)
+                if cfg.train.verify_weights_every and (epoch + 1) % cfg.train.verify_weights_every == 0:
+                    metrics["policy/weights_consistent"] = self.verify_weights()
                 logger.log(epoch, metrics)
                 bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.4f}")
                 if cfg.output.image_grid_every and epoch % cfg.output.image_grid_every == 0 and images is not None:
@@ -162,6 +171,25 @@ class Trainer:
         metrics.update({"policy/version": self.learner.version, "time/epoch_s": time.perf_counter() - t0,
                         "throughput/samples_per_s": len(prompts) / max(time.perf_counter() - t0, 1e-9)})
         return metrics, images, prompts
+    def verify_weights(self) -> int:
+        """Learner ranks and rollout workers must hold the published weights bit for bit; raise otherwise."""
+        from raydiff.models.lora import state_checksum
+
+        update = ray.get(self.learner.publish())
+        expected = update["checksum"]
+        assert state_checksum(update["state"]) == expected
+        problems = []
+        for rank, c in enumerate(self.learner.checksums()):
+            if c != expected:
+                problems.append(f"learner rank {rank} differs")
+        if self.rollouts:
+            for i, (version, c) in enumerate(self.rollouts.checksums()):
+                if c != expected:
+                    problems.append(f"rollout worker {i} (v{version}) differs")
+        if problems:
+            raise RuntimeError("weights diverged: " + "; ".join(problems))
+        return 1
+
     def save(self, epoch: int) -> Path:
         def write(d: Path) -> None:
             self.learner.save(str(d / "learner"))

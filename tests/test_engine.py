@@ -1,0 +1,125 @@
+"""Distributed engine on a real local Ray cluster: async DDPO, 2 rollout actors, 2 DeepSpeed learners in Ray Train."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from raydiff.config import load_config
+from raydiff.engine import checkpoint as ckpt
+from raydiff.engine.metrics import read_metrics
+from raydiff.engine.placement import PlacementError
+from raydiff.engine.records import read_experience
+from raydiff.engine.rollout import RolloutWorker
+from raydiff.engine.trainer import Trainer
+from raydiff.models.lora import state_checksum, trainable_state_dict
+
+ASYNC = "configs/tiny_ddpo_async.yaml"
+
+
+def _rollout_actors():
+    return [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("raydiff-rollout-")]
+
+
+def test_async_two_learners_kill_rollout(ray_cluster, tmp_path):
+    """Async DDPO (S=2) with 2 rollout actors and 2 learner ranks: reward rises, every epoch's batch is full
+    although a rollout actor is killed mid-run, and learner ranks + rollouts hold identical weights after each sync."""
+    cfg = load_config(ASYNC, [f"output.run_dir={tmp_path}", "output.progress=false", "learner.num_workers=2",
+                              "train.verify_weights_every=1", "train.num_epochs=14"])
+    errors = []
+    t = threading.Thread(target=lambda: _run(cfg, errors))
+    t.start()
+    killed = None
+    deadline = time.time() + 600
+    while time.time() < deadline and t.is_alive():
+        if len(read_metrics(tmp_path)) >= 4 and killed is None:
+            actors = _rollout_actors()
+            if actors:
+                killed = actors[0]["name"]
+                ray.kill(ray.get_actor(killed, namespace=actors[0]["namespace"]), no_restart=False)
+        time.sleep(0.5)
+    t.join(timeout=60)
+    assert not errors, errors
+    assert killed is not None, "run ended before a rollout actor could be killed"
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(14))
+    assert all(r["policy/weights_consistent"] == 1 for r in rows)
+    assert max(r["policy/staleness"] for r in rows) == 2
+    assert rows[-1]["policy/reissued_batches"] >= 1
+    per_step = read_experience(tmp_path).group_by("step").aggregate([("reward", "count")]).column("reward_count").to_pylist()
+    assert per_step == [2 * 2 * 8] * 14  # batches_per_epoch x workers x batch_size, every epoch
+    rewards = [r["reward/mean"] for r in rows]
+    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.005, rewards
+
+
+def _run(cfg, errors):
+    try:
+        Trainer(cfg).run()
+    except BaseException as e:  # surfaced by the test thread
+        errors.append(repr(e))
+
+
+def test_corrupted_or_stale_weight_update_is_rejected(tiny_sd):
+    cfg = load_config("configs/tiny_ddpo.yaml", [f"model.path={tiny_sd}"])
+    worker = RolloutWorker(cfg)
+    state = {k: v + 0.01 for k, v in trainable_state_dict(worker.model.unet).items()}
+    good = {"version": 2, "state": state, "checksum": state_checksum(state)}
+    corrupted = dict(good, state={k: v.clone() for k, v in state.items()})
+    next(iter(corrupted["state"].values())).view(-1)[0] += 1e-3
+    before = worker.weights_checksum()
+    assert worker.set_weights(corrupted) is False
+    assert worker.weights_checksum() == before
+    assert worker.set_weights(good) is True
+    assert worker.weights_checksum() == (2, good["checksum"])
+    older = dict(good, version=1)
+    assert worker.set_weights(older) is False and worker.version == 2
+
+
+def test_gpu_ask_without_gpus_fails_fast(ray_cluster, tmp_path):
+    cfg = load_config(ASYNC, [f"output.run_dir={tmp_path}", "rollout.num_gpus=1"])
+    t0 = time.time()
+    with pytest.raises(PlacementError, match=r"rollout.*GPU.*rollout\.num_gpus"):
+        Trainer(cfg).run()
+    assert time.time() - t0 < 30
+
+
+def test_killed_driver_resumes_bit_identical(ray_cluster, tmp_path):
+    """SIGKILL the training process after its first checkpoint; `resume: auto` restores the exact weights and continues."""
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    args = [sys.executable, "-m", "raydiff.train", "configs/tiny_ddpo.yaml", f"output.run_dir={tmp_path}",
+            "output.progress=false", "train.num_epochs=40", "output.checkpoint_every=2"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while ckpt.latest_checkpoint(tmp_path) is None and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert ckpt.latest_checkpoint(tmp_path) is not None, "no checkpoint before the deadline"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    last = ckpt.latest_checkpoint(tmp_path)
+    step = int(last.name.split("_")[1])
+    saved = torch.load(last / "learner" / "learner.pt", weights_only=False)["weights"]
+    time.sleep(2)  # let Ray reap the dead driver's actors
+
+    cfg = load_config("configs/tiny_ddpo.yaml", [f"output.run_dir={tmp_path}", "output.progress=false", "output.resume=auto",
+                                                 f"train.num_epochs={step + 3}"])
+    trainer = Trainer(cfg)
+    trainer._start_roles()
+    trainer._resume()
+    try:
+        assert trainer.start_epoch == step + 1
+        assert trainer.learner.checksums() == [state_checksum(saved)]
+    finally:
+        trainer.rollouts.shutdown()
+        trainer.learner.shutdown()
+    Trainer(cfg).run()
+    steps = [m["step"] for m in read_metrics(tmp_path)]
+    assert steps == list(range(step + 3)), steps

@@ -1,0 +1,51 @@
+"""`ray job submit --working-dir . -- python -m raydiff.train ...` against a local `ray start --head` cluster."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _private_head import free_port, kill_own  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture()
+def private_head(tmp_path):
+    """A head started like a user would (`ray start --head`), with the job server; stopped by its temp dir."""
+    tmpdir = f"/tmp/rdjob-{os.getpid()}"  # short: Ray's socket paths must stay under 108 bytes
+    dash = free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    subprocess.run(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={free_port()}", f"--temp-dir={tmpdir}",
+         "--num-cpus=6", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}", "--disable-usage-stats"],
+        env=env, check=True, capture_output=True, timeout=120,
+    )
+    try:
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        kill_own(tmpdir)
+
+
+@pytest.mark.parametrize("config", ["configs/tiny_ddpo_async.yaml"])
+def test_ray_job_submit_succeeds(private_head, config, tmp_path):
+    address, env = private_head
+    run_dir = tmp_path / "run"
+    runtime_env = '{"env_vars": {"RAYDIFF_CACHE": "%s", "HF_HUB_OFFLINE": "1"}, "excludes": ["runs/", ".git/"]}' % os.environ["RAYDIFF_CACHE"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", f"--address={address}", "--working-dir", ".",
+         f"--runtime-env-json={runtime_env}", "--",
+         "python", "-m", "raydiff.train", config, "train.num_epochs=2", f"output.run_dir={run_dir}", "output.progress=false",
+         "learner.num_workers=1", "output.tensorboard=false"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "SUCCEEDED" in out, out[-4000:]
+    assert (run_dir / "metrics.jsonl").is_file()
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
