@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +24,7 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 
 import ray  # noqa: E402
 
-from _private_head import free_port, kill_own, own_pids  # noqa: E402,F401
+from _private_head import free_port, kill_own  # noqa: E402
 
 IDLE_TIMEOUT_MIN = 0.1  # 6 s
 

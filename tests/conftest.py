@@ -94,3 +94,13 @@ def serve_rewards(ray_cluster, tmp_path_factory):
         serve.delete(cfg.app_name)
     except Exception:
         pass
+
+
+def train_config(config: str, run_dir, *overrides: str):
+    """Run `config` end to end through the Trainer into `run_dir` (quietly); returns (cfg, run_dir)."""
+    from raydiff.config import load_config
+    from raydiff.engine.trainer import Trainer
+
+    cfg = load_config(config, [f"output.run_dir={run_dir}", "output.progress=false", *overrides])
+    Trainer(cfg).run()
+    return cfg, run_dir

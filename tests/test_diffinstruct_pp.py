@@ -3,15 +3,15 @@ the tiny run learns through the Trainer, and the exported generator loads and ge
 
 import numpy as np
 import pytest
+from conftest import train_config
 import torch
 
 from raydiff.algorithms.diffinstruct_pp import Config, DiffInstructPP
-from raydiff.config import LearnerSection, ModelSection, RewardSection, SamplingSection, load_config
+from raydiff.config import LearnerSection, ModelSection, RewardSection, SamplingSection
 from raydiff.engine import checkpoint as ckpt
 from raydiff.engine.learner import Learner
 from raydiff.engine.metrics import read_metrics
 from raydiff.engine.optim import TorchStepper
-from raydiff.engine.trainer import Trainer
 from raydiff.models.loader import load_model
 from raydiff.models.one_step import OneStepPipeline, one_step_x0
 from raydiff.sampling.conditioning import encode_prompts
@@ -99,10 +99,7 @@ def test_generator_is_one_unet_call_per_image(tiny_sd):
 
 @pytest.fixture(scope="module")
 def dipp_run(ray_cluster, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("tiny_dipp")
-    cfg = load_config("configs/tiny_diffinstruct_pp.yaml", [f"output.run_dir={run_dir}", "output.progress=false"])
-    Trainer(cfg).run()
-    return cfg, run_dir
+    return train_config("configs/tiny_diffinstruct_pp.yaml", tmp_path_factory.mktemp("tiny_dipp"))
 
 
 def test_tiny_run_reward_rises_ikl_bounded_dsm_falls(dipp_run):

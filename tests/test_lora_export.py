@@ -1,6 +1,5 @@
 """Exported LoRA loads in plain diffusers and reproduces the trained model's output."""
 
-import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline

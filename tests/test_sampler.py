@@ -1,6 +1,5 @@
 """The rollout sampler reproduces diffusers' pipelines and its log-probs are exact Gaussian log-densities."""
 
-import math
 
 import numpy as np
 import pytest
