@@ -166,13 +166,13 @@ def _check_learning(cfg, metrics, margin):
 def test_tiny_dag_learns_async_with_served_rewards(ray_cluster, serve_rewards, tmp_path):
     cfg, metrics = _run(ray_cluster, "configs/tiny_dag.yaml", tmp_path,
                         ["reward.backend=serve", f"reward.serve_app={serve_rewards.app_name}"])
-    _check_learning(cfg, metrics, margin=0.0)
+    _check_learning(cfg, metrics, margin=0.005)  # measured 0.4971 -> 0.5067 (seeded, reproducible)
 
 
 def test_tiny_dag_sdxl_learns_async(ray_cluster, serve_rewards, tmp_path, tiny_sdxl):
     cfg, metrics = _run(ray_cluster, "configs/tiny_dag_sdxl.yaml", tmp_path,
                         [f"model.path={tiny_sdxl}", "reward.backend=serve", f"reward.serve_app={serve_rewards.app_name}"])
-    _check_learning(cfg, metrics, margin=0.0)
+    _check_learning(cfg, metrics, margin=0.002)  # measured 0.5561 -> 0.5601
 
 
 def test_dag_sdxl_config_validates_and_runs_one_update_on_cpu(ray_cluster, tmp_path, tiny_sdxl):
@@ -182,7 +182,8 @@ def test_dag_sdxl_config_validates_and_runs_one_update_on_cpu(ray_cluster, tmp_p
     cpu = [f"model.path={tiny_sdxl}", "model.dtype=float32", "model.resolution=null", "sampling.num_steps=3",
            "sampling.batch_size=2", "algorithm.train_batch_size=2", "algorithm.gradient_accumulation_steps=1",
            "algorithm.flow_channels=[8,16]", "algorithm.flow_embed_dim=16",
-           "rollout.num_workers=1", "rollout.num_gpus=0", "rollout.resources={}", "learner.num_workers=1",
+           "rollout.num_workers=1", "rollout.num_gpus=0", "rollout.num_cpus=1", "rollout.resources={}", "learner.num_workers=1",
+           "learner.num_cpus=1",
            "learner.use_gpu=false", "learner.resources={}", "reward.backend=local",
            "reward.components=[{name: brightness}]", "train.num_epochs=1", "output.resume=never"]
     cfg, metrics = _run(ray_cluster, "configs/dag_sdxl.yaml", tmp_path, cpu)

@@ -35,7 +35,7 @@ def test_per_prompt_stats_use_global_until_min_count():
 
 
 def test_ratio_is_one_at_first_inner_step(tiny_sd):
-    cfg = load_config("configs/tiny_ddpo.yaml", [f"model.path={tiny_sd}", "sampling.batch_size=4", "sampling.num_steps=4",
+    cfg = load_config("configs/tiny_ddpo.yaml", [f"model.path={tiny_sd}", "sampling.batch_size=4", "sampling.num_steps=4", "learner.engine=torch",
                                                  "algorithm.train_batch_size=4"])
     worker = RolloutWorker(cfg)
     learner = Learner(cfg)
@@ -47,3 +47,29 @@ def test_ratio_is_one_at_first_inner_step(tiny_sd):
         assert (ratio - 1).abs().max().item() < 1e-5
     metrics = learner.train(batch)
     assert metrics["train/optimizer_steps"] == 1 and learner.version == 1
+
+
+def test_reparam_log_prob_rescores_the_sampling_noise(tiny_sd):
+    """Stored noise reproduces x_{t-1}; re-scored under the same weights it gives the sampled log-prob,
+    and after a weight change it still does (value) while its gradient is the current policy's score."""
+    cfg = load_config("configs/tiny_ddpo.yaml", [f"model.path={tiny_sd}", "sampling.batch_size=2", "sampling.num_steps=3",
+                                                 "learner.engine=torch"])
+    worker = RolloutWorker(cfg, needs=Learner(cfg).algorithm.needs)
+    learner = Learner(cfg)
+    batch = worker.generate(["a cat", "a dog"], seed=3)
+    assert batch.extras["noise"].shape == batch.latents[:, 1:].shape
+    for j in range(3):
+        out, _ = learner.policy.step(batch, j)
+        torch.testing.assert_close(out.mean + out.std * batch.extras["noise"][:, j], batch.latents[:, j + 1], atol=1e-5, rtol=0)
+        lp, stored = learner.policy.log_prob_reparam(batch, j)
+        torch.testing.assert_close(lp.detach(), batch.log_probs[:, j], atol=1e-5, rtol=0)
+        torch.testing.assert_close(stored, batch.log_probs[:, j], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        for n, p in learner.model.unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    lp, stored = learner.policy.log_prob_reparam(batch, 1)
+    torch.testing.assert_close(lp.detach(), batch.log_probs[:, 1], atol=1e-5, rtol=0)  # same noise, same density
+    assert (stored - batch.log_probs[:, 1]).abs().max() > 1e-4  # the stored sample is now off the policy's mean
+    lp.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in learner.model.trainable_parameters())

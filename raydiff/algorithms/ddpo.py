@@ -13,13 +13,19 @@ trajectory's reward r(x_0, c) and per-prompt normalised advantage
 averaged over the batch and accumulated over the trained timesteps into one
 optimiser step per minibatch. log π is averaged over C·H·W (as the reference).
 
-Stale batches (made by version v, trained at u > v, asynchronous mode) with
-`off_policy: truncated_is` use the current policy as the proximal policy
-(decoupled PPO, Hilton et al. 2021) and a truncated importance weight
-w = min(π_u / π_v, c̄) per step, so the loss is −A·w·exp(log π_θ − sg(log π_θ))
-(V-trace-style). Plain PPO ratios against a policy several versions old clip
-most samples one-sidedly and were seen to drive the tiny run's reward down.
-Fresh batches (staleness 0) always use the exact clipped objective above.
+Stale batches (made by version v, trained at u > v, asynchronous mode):
+- `off_policy: reparam` (default) re-scores each step's sampling noise ε under the
+  current weights, x' = sg(μ_θ(x_t)) + σ_t ε, so the loss is −A·exp(log π_θ(x') −
+  sg(log π_θ(x'))): the on-policy score of the same noise. Re-scoring the stored
+  x_{t-1} instead adds a term −(μ_θ − μ_v)/σ_t² that pulls the policy back to the
+  old one, huge at late low-σ steps; with log-probs averaged over C·H·W no
+  importance weight can undo it (the true density ratio is exp(C·H·W × mean)).
+- `truncated_is`: current policy as proximal policy (decoupled PPO, Hilton et al.
+  2021), weight w = min(π_u/π_v, c̄) per step, baseline re-centred under w.
+- `ppo`: plain clipped ratio against the behaviour policy.
+On the tiny CPU run at staleness 1–2 the last two did not learn (ppo drove the
+reward down); see docs/algorithms/ddpo.md. Fresh batches (staleness 0) always
+use the exact clipped objective above.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from raydiff.algorithms.base import Algorithm
+from raydiff.algorithms.base import Algorithm, Needs
 from raydiff.config_base import Section
 from raydiff.types import Trajectory
 
@@ -51,7 +57,7 @@ class Config(AsyncAlgorithmConfig):
     per_prompt_stat_tracking: bool = Field(True, description="Normalise rewards per prompt (else over the batch).")
     stat_buffer_size: int = Field(16, ge=1, description="Rewards kept per prompt for its mean/std.")
     stat_min_count: int = Field(16, ge=1, description="Rewards a prompt needs before its own statistics are used.")
-    off_policy: Literal["truncated_is", "ppo"] = Field("truncated_is", description="Stale batches: truncated importance weights against the current policy, or plain PPO ratios to the behaviour policy.")
+    off_policy: Literal["reparam", "truncated_is", "ppo"] = Field("reparam", description="Stale batches: re-score the sampling noise under current weights (reparam), truncated importance weights, or plain PPO ratios.")
     is_clip: float = Field(1.0, gt=0, description="Truncation c̄ of the per-step importance weight π_current/π_behaviour for stale batches.")
 
 
@@ -111,6 +117,10 @@ class DDPO(Algorithm):
     def trained_steps(self, num_steps: int) -> int:
         return max(1, int(round(num_steps * self.config.timestep_fraction)))
 
+    @property
+    def needs(self) -> Needs:
+        return Needs(mode="async", keep_noise=True)
+
     def micro_steps_per_update(self, minibatch: Trajectory) -> int:
         return self.trained_steps(minibatch.log_probs.shape[1])
 
@@ -129,20 +139,24 @@ class DDPO(Algorithm):
         adv = batch.advantages.clamp(-self.config.adv_clip_max, self.config.adv_clip_max).to(policy.device)
         weights = batch.weights.to(policy.device) if batch.weights is not None else None
         totals: dict[str, float] = defaultdict(float)
-        decoupled = batch.staleness > 0 and self.config.off_policy == "truncated_is"
+        mode = self.config.off_policy if batch.staleness > 0 else "on_policy"
         for j in steps:
-            log_prob = policy.log_prob(batch, j)
             old = batch.log_probs[:, j].to(policy.device)
-            if decoupled:
+            if mode == "reparam":
+                log_prob, stored = policy.log_prob_reparam(batch, j)
+                loss, stats = ppo_clipped_loss(log_prob, log_prob.detach(), adv, self.config.clip_range, weights)
+                stats["behaviour_approx_kl"] = 0.5 * ((stored - old) ** 2).mean().item()
+            elif mode == "truncated_is":
+                log_prob = policy.log_prob(batch, j)
                 is_w = torch.exp(log_prob.detach() - old).clamp(max=self.config.is_clip)
                 w = is_w if weights is None else is_w * weights
-                # Baseline under the re-weighted batch: keeps Σ w·A = 0, so the shared offset of
-                # old samples from the moved policy mean (∝ Δμ/σ_t², large at late steps) cancels.
+                # Baseline under the re-weighted batch keeps sum(w * A) = 0.
                 adv_w = adv - (w * adv).sum() / w.sum().clamp_min(1e-8)
                 loss, stats = ppo_clipped_loss(log_prob, log_prob.detach(), adv_w, self.config.clip_range, w)
                 stats["is_weight_mean"] = is_w.mean().item()
                 stats["behaviour_approx_kl"] = 0.5 * ((log_prob.detach() - old) ** 2).mean().item()
-            else:
+            else:  # fresh batch, or off_policy=ppo
+                log_prob = policy.log_prob(batch, j)
                 loss, stats = ppo_clipped_loss(log_prob, old, adv, self.config.clip_range, weights)
             optimizer.backward(loss)
             totals["loss"] += loss.item() / len(steps)

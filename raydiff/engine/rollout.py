@@ -79,6 +79,7 @@ class RolloutWorker:
         cond = encode_prompts(self.model, prompts, s.negative_prompt)
         traj = sample(self.model, cond, prompts, s.num_steps, s.guidance_scale, s.eta, gen, self.version,
                       keep_eps=self.needs.keep_eps, keep_x0=self.needs.intermediate_rewards,
+                      keep_noise=self.needs.keep_noise,
                       x0_guidance=self.needs.intermediate_rewards_guidance)
         t1 = time.perf_counter()
         total, parts = self.rewards(traj.images, prompts)

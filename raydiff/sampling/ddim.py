@@ -26,6 +26,7 @@ class StepOutput:
     mean: torch.Tensor  # mean of the Gaussian step
     std: torch.Tensor  # scalar std of the Gaussian step (eta * sigma_t)
     pred_original_sample: torch.Tensor  # x̂_0 predicted from x_t
+    noise: Optional[torch.Tensor] = None  # the standard-normal draw, when this step drew x_{t-1}
 
 
 def alphas_at(scheduler, t: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -71,6 +72,7 @@ def ddim_step(
     std = eta * variance ** (0.5)
     direction = (1 - a_prev - std**2) ** (0.5) * eps
     mean = a_prev ** (0.5) * x0 + direction
+    noise = None
     if prev_sample is None:
         prev_sample = mean
         if eta > 0:
@@ -80,7 +82,7 @@ def ddim_step(
         log_prob = gaussian_log_prob(prev_sample, mean, std)
     else:
         log_prob = torch.full((eps.shape[0],), float("nan"), device=eps.device)
-    return StepOutput(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std=std, pred_original_sample=x0)
+    return StepOutput(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std=std, pred_original_sample=x0, noise=noise)
 
 
 def backward_log_prob(scheduler, t: int, x_t: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:

@@ -90,6 +90,7 @@ def sample(
     version: int = 0,
     keep_eps: bool = False,
     keep_x0: bool = False,
+    keep_noise: bool = False,
     latents: Optional[torch.Tensor] = None,
     x0_guidance: str = "cfg",
     progress: bool = False,
@@ -103,7 +104,7 @@ def sample(
     sched = model.scheduler
     sched.set_timesteps(num_steps, device=model.device)
     x = initial_noise(model, len(prompts), generator) if latents is None else latents
-    xs, log_probs, eps_all, x0_all = [x], [], [], []
+    xs, log_probs, eps_all, x0_all, noise_all = [x], [], [], [], []
     steps = sched.timesteps
     it = steps
     if progress:
@@ -113,15 +114,18 @@ def sample(
     for t in it:
         x_in = sched.scale_model_input(x, t)
         eps, eps_c = predict_noise(model, x_in, t, cond, guidance_scale, return_cond=True)
-        out = ddim_step(sched, eps, t, x, eta, generator=generator)
+        x_t = x
+        out = ddim_step(sched, eps, t, x_t, eta, generator=generator)
         x = out.prev_sample.to(model.dtype)
         xs.append(x)
         log_probs.append(out.log_prob)
         if keep_eps:
             eps_all.append(eps.float().cpu())
         if keep_x0:
-            x0 = out.pred_original_sample if x0_guidance == "cfg" else predict_x0(sched, eps_c, t, x)
+            x0 = out.pred_original_sample if x0_guidance == "cfg" else predict_x0(sched, eps_c, t, x_t)
             x0_all.append(x0.float().cpu())
+        if keep_noise and out.noise is not None:
+            noise_all.append(out.noise.float().cpu())
     images = decode_images(model, x)
     traj = Trajectory(
         prompts=list(prompts),
@@ -139,4 +143,6 @@ def sample(
         traj.extras["eps"] = torch.stack(eps_all, dim=1)
     if keep_x0:
         traj.extras["x0_pred"] = torch.stack(x0_all, dim=1)
+    if noise_all:
+        traj.extras["noise"] = torch.stack(noise_all, dim=1)
     return traj
