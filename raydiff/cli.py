@@ -27,6 +27,7 @@ COMMANDS = {
     "train": lambda argv: __import__("raydiff.train", fromlist=["main"]).main(argv),
     "make-tiny": _make_tiny,
     "serve-rewards": _serve_rewards,
+    "eval": lambda argv: __import__("raydiff.eval.cli", fromlist=["main"]).main(argv),
 }
 
 

@@ -32,7 +32,7 @@ def test_async_two_learners_kill_rollout(ray_cluster, tmp_path):
     """Async DDPO (S=2) with 2 rollout actors and 2 learner ranks: reward rises, every epoch's batch is full
     although a rollout actor is killed mid-run, and learner ranks + rollouts hold identical weights after each sync."""
     cfg = load_config(ASYNC, [f"output.run_dir={tmp_path}", "output.progress=false", "learner.num_workers=2",
-                              "train.verify_weights_every=1", "train.num_epochs=14"])
+                              "train.verify_weights_every=1"])
     errors = []
     t = threading.Thread(target=lambda: _run(cfg, errors))
     t.start()
@@ -49,14 +49,14 @@ def test_async_two_learners_kill_rollout(ray_cluster, tmp_path):
     assert not errors, errors
     assert killed is not None, "run ended before a rollout actor could be killed"
     rows = read_metrics(tmp_path)
-    assert [r["step"] for r in rows] == list(range(14))
+    assert [r["step"] for r in rows] == list(range(cfg.train.num_epochs))
     assert all(r["policy/weights_consistent"] == 1 for r in rows)
     assert max(r["policy/staleness"] for r in rows) == 2
     assert rows[-1]["policy/reissued_batches"] >= 1
     per_step = read_experience(tmp_path).group_by("step").aggregate([("reward", "count")]).column("reward_count").to_pylist()
-    assert per_step == [2 * 2 * 8] * 14  # batches_per_epoch x workers x batch_size, every epoch
+    assert per_step == [2 * 2 * 8] * cfg.train.num_epochs  # batches_per_epoch x workers x batch_size, every epoch
     rewards = [r["reward/mean"] for r in rows]
-    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.005, rewards
+    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.01, rewards
 
 
 def _run(cfg, errors):
