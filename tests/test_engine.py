@@ -91,7 +91,8 @@ def test_gpu_ask_without_gpus_fails_fast(ray_cluster, tmp_path):
 
 
 def test_killed_driver_resumes_bit_identical(ray_cluster, tmp_path):
-    """SIGKILL the training process after its first checkpoint; `resume: auto` restores the exact weights and continues."""
+    """SIGKILL the training process after its first checkpoint; `resume: auto` restores the exact weights
+    (DeepSpeed state through Ray Train) at the next epoch. Step continuation: tests/test_train_e2e.py."""
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
     args = [sys.executable, "-m", "raydiff.train", "configs/tiny_ddpo.yaml", f"output.run_dir={tmp_path}",
             "output.progress=false", "train.num_epochs=40", "output.checkpoint_every=2"]
@@ -120,6 +121,3 @@ def test_killed_driver_resumes_bit_identical(ray_cluster, tmp_path):
     finally:
         trainer.rollouts.shutdown()
         trainer.learner.shutdown()
-    Trainer(cfg).run()
-    steps = [m["step"] for m in read_metrics(tmp_path)]
-    assert steps == list(range(step + 3)), steps

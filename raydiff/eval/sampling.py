@@ -60,7 +60,7 @@ def checkpoint_policy(path: str, base: Optional[str], label: str = "checkpoint")
     export = p if p.name == "export" else learner / "export"
     cfg_file = step / "config.yaml"
     run_cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else {}
-    if (learner / "learner.pt").is_file() and cfg_file.is_file():
+    if p.name != "export" and (learner / "learner.pt").is_file() and cfg_file.is_file():  # naming export/ picks it
         model = dict(run_cfg["model"], **({"path": base} if base else {}))
         return PolicySpec(label, model, str(p), learner_pt=str(learner / "learner.pt"), sampling=run_cfg.get("sampling"))
     if export.is_dir():
@@ -120,7 +120,8 @@ def load_policy_weights(model, spec: PolicySpec) -> None:
             unet = UNet2DConditionModel.from_pretrained(str(export / "unet"), dtype=model.dtype).to(model.device)
             model.unet.load_state_dict(unet.state_dict())
         else:
-            model.unet.load_lora_adapter(str(export), prefix="unet", adapter_name="eval")
+            weight = "pytorch_lora_weights.safetensors" if (export / "pytorch_lora_weights.safetensors").is_file() else None
+            model.unet.load_lora_adapter(str(export), weight_name=weight, prefix="unet", adapter_name="checkpoint")
 
 
 def batches(num_prompts: int, per_prompt: int, batch_size: int, seed: int) -> list[tuple[list[int], int]]:
