@@ -234,8 +234,9 @@ def test_reward_rises_end_to_end(ray_cluster, tmp_path, config):
     from raydiff.engine.metrics import read_metrics
     from raydiff.engine.trainer import Trainer
 
-    # learner.num_workers=1: the Trainer drives a single LearnerHandle (no LearnerGroup routing yet).
-    cfg = load_config(config, [f"output.run_dir={tmp_path}", "output.progress=false", "output.tensorboard=false"])
+    # 2 Ray Train workers, each a DeepSpeed engine; every epoch checks both ranks hold identical weights.
+    cfg = load_config(config, [f"output.run_dir={tmp_path}", "output.progress=false", "output.tensorboard=false",
+                               "learner.num_workers=2", "train.verify_weights_every=1"])
     Trainer(cfg).run()
     metrics = read_metrics(tmp_path)
     rewards = [m["reward/mean"] for m in metrics]
@@ -245,3 +246,4 @@ def test_reward_rises_end_to_end(ray_cluster, tmp_path, config):
     for key in ("reward/std", "grad/norm", "grad/trained_steps", "train/loss"):
         assert key in metrics[0], key
     assert list((tmp_path / "samples").glob("step_*.png"))
+    assert all(m["policy/weights_consistent"] == 1 for m in metrics)

@@ -84,7 +84,7 @@ def test_eval_checkpoint_vs_base_cli(ray_cluster, serve_rewards, tiny_sd, tiny_c
 
     out = tmp_path / "eval"
     rc = main(["eval", "--checkpoint", str(tiny_ckpt.parent.parent), "--base", tiny_sd, "--prompts", "parti:Animals",
-               "--limit", "3", "--num-per-prompt", "2", "--rewards", f"brightness,clip:0.5", "--batch-size", "4",
+               "--limit", "3", "--num-per-prompt", "2", "--rewards", "brightness,clip:0.5", "--batch-size", "4",
                "--workers", "2", "--num-cpus", "0.5", "--reward-app", serve_rewards.app_name, "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "eval.json").read_text())

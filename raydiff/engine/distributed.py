@@ -82,14 +82,17 @@ class DistributedLearner:
         L = self.learner
         L.stepper.save_checkpoint(str(d / "deepspeed"), tag="state",
                                   client_state={"version": L.version, "rng": L.rng.get_state()})
-        state = self._unet_state()
+        full = L.stepper.gathered_trainable_state()  # collective under ZeRO-3
+        state = {k[len("unet."):]: v for k, v in full.items() if k.startswith("unet.")}
         if L.rank == 0:
-            torch.save({"weights": state, "version": L.version}, d / "learner.pt")
-            from raydiff.models.lora import load_trainable_state_dict
-
-            load_trainable_state_dict(L.model.unet, state) if L.stepper.zero_stage == 3 else None
-            if L.stepper.zero_stage != 3:
-                export_weights(L.model, d / "export")
+            if L.stepper.zero_stage == 3:  # module params are partitioned: take the gathered trainable ones
+                modules = {name: {k.split(".", 2)[2]: v for k, v in full.items() if k.startswith(f"extra.{name}.")} for name in L.modules}
+            else:
+                modules = {name: m.state_dict() for name, m in L.modules.items()}
+            # Same layout as Learner.save minus the optimiser (that lives in deepspeed/): a
+            # single-process Learner can load it too.
+            torch.save({"weights": state, "modules": modules, "version": L.version, "rng": L.rng.get_state()}, d / "learner.pt")
+            export_weights(L.model, d / "export", state=state)
         return str(d)
 
     def load(self, directory: str) -> int:

@@ -94,7 +94,8 @@ class Learner:
         state = torch.load(Path(directory) / "learner.pt", weights_only=False)
         load_trainable_state_dict(self.model.unet, state["weights"])
         for k, m in self.modules.items():
-            m.load_state_dict(state["modules"][k])
-        self.stepper.load_state_dict(state["stepper"])
+            m.load_state_dict(state["modules"][k], strict=False)
+        if "stepper" in state:  # absent in DeepSpeed checkpoints (optimiser state under deepspeed/)
+            self.stepper.load_state_dict(state["stepper"])
         self.version = state["version"]
         self.rng.set_state(state["rng"])

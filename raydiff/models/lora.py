@@ -64,8 +64,12 @@ def state_checksum(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def export_weights(model, out_dir: str | Path) -> str:
-    """Save LoRA so `pipe.load_lora_weights(out_dir)` works, or the full UNet as a diffusers folder."""
+def export_weights(model, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None) -> str:
+    """Save LoRA so `pipe.load_lora_weights(out_dir)` works, or the full UNet as a diffusers folder.
+
+    `state` (trainable weights by parameter name, e.g. gathered from ZeRO-3 shards) is used
+    instead of the module's own parameters when given; the module is not modified.
+    """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     out = Path(out_dir)
@@ -75,12 +79,19 @@ def export_weights(model, out_dir: str | Path) -> str:
         from peft.utils import get_peft_model_state_dict
 
         pipe_cls = StableDiffusionXLPipeline if model.kind == "sdxl" else StableDiffusionPipeline
-        layers = {k: v.detach().cpu().float() for k, v in get_peft_model_state_dict(unet).items()}
+        layers = get_peft_model_state_dict(unet, state_dict=state) if state is not None else get_peft_model_state_dict(unet)
+        layers = {k: v.detach().cpu().float() for k, v in layers.items()}
         # Metadata keeps alpha != rank strengths right on reload (NOTES-diffusers.md).
         pipe_cls.save_lora_weights(
             str(out), unet_lora_layers=layers,
             unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
         )
-    else:
+    elif state is None:
         unet.save_pretrained(str(out / "unet"))
+    else:
+        from safetensors.torch import save_file
+
+        (out / "unet").mkdir(exist_ok=True)
+        unet.save_config(str(out / "unet"))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(out / "unet" / "diffusion_pytorch_model.safetensors"))
     return str(out)

@@ -111,21 +111,25 @@ def sample(
         from tqdm.auto import tqdm
 
         it = tqdm(steps, desc="sampling", leave=False)
-    for t in it:
+    # No host syncs in the loop: the DDIM maths indexes ᾱ with host ints (`int(t)` of a CUDA tensor
+    # would sync every step) and kept tensors stay on the device until one copy after the loop.
+    steps_host = [int(s) for s in steps.cpu()]
+    for i, t in enumerate(it):
+        t_host = steps_host[i]
         x_in = sched.scale_model_input(x, t)
         eps, eps_c = predict_noise(model, x_in, t, cond, guidance_scale, return_cond=True)
         x_t = x
-        out = ddim_step(sched, eps, t, x_t, eta, generator=generator)
+        out = ddim_step(sched, eps, t_host, x_t, eta, generator=generator)
         x = out.prev_sample.to(model.dtype)
         xs.append(x)
         log_probs.append(out.log_prob)
         if keep_eps:
-            eps_all.append(eps.float().cpu())
+            eps_all.append(eps.float())
         if keep_x0:
-            x0 = out.pred_original_sample if x0_guidance == "cfg" else predict_x0(sched, eps_c, t, x_t)
-            x0_all.append(x0.float().cpu())
+            x0 = out.pred_original_sample if x0_guidance == "cfg" else predict_x0(sched, eps_c, t_host, x_t)
+            x0_all.append(x0.float())
         if keep_noise and out.noise is not None:
-            noise_all.append(out.noise.float().cpu())
+            noise_all.append(out.noise.float())
     images = decode_images(model, x)
     traj = Trajectory(
         prompts=list(prompts),
@@ -140,9 +144,9 @@ def sample(
         eta=eta,
     )
     if keep_eps:
-        traj.extras["eps"] = torch.stack(eps_all, dim=1)
+        traj.extras["eps"] = torch.stack(eps_all, dim=1).cpu()
     if keep_x0:
-        traj.extras["x0_pred"] = torch.stack(x0_all, dim=1)
+        traj.extras["x0_pred"] = torch.stack(x0_all, dim=1).cpu()
     if noise_all:
-        traj.extras["noise"] = torch.stack(noise_all, dim=1)
+        traj.extras["noise"] = torch.stack(noise_all, dim=1).cpu()
     return traj
