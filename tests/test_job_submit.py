@@ -14,8 +14,8 @@ from _private_head import free_port, kill_own  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture()
-def private_head(tmp_path):
+@pytest.fixture(scope="module")
+def private_head():
     """A head started like a user would (`ray start --head`), with the job server; stopped by its temp dir."""
     tmpdir = f"/tmp/rdjob-{os.getpid()}"  # short: Ray's socket paths must stay under 108 bytes
     dash = free_port()
@@ -33,7 +33,7 @@ def private_head(tmp_path):
         kill_own(tmpdir)
 
 
-@pytest.mark.parametrize("config", ["configs/tiny_ddpo_async.yaml"])
+@pytest.mark.parametrize("config", ["configs/tiny_ddpo_async.yaml", "configs/tiny_dag_sdxl.yaml"])
 def test_ray_job_submit_succeeds(private_head, config, tmp_path):
     address, env = private_head
     run_dir = tmp_path / "run"
