@@ -121,3 +121,45 @@ def test_killed_driver_resumes_bit_identical(ray_cluster, tmp_path):
     finally:
         trainer.rollouts.shutdown()
         trainer.learner.shutdown()
+
+
+def test_learner_worker_crash_restarts_from_checkpoint(ray_cluster, tmp_path):
+    """Kill one Ray Train learner worker mid-run: Ray Train restarts the group (FailureConfig), the workers
+    resume from the run's latest checkpoint, the pending update is re-run and the run completes consistent."""
+    cfg = load_config("configs/tiny_ddpo.yaml", [f"output.run_dir={tmp_path}", "output.progress=false", "learner.num_workers=2",
+                                                 "train.num_epochs=8", "output.checkpoint_every=2", "train.verify_weights_every=1",
+                                                 "output.tensorboard=false", "output.image_grid_every=0"])
+    errors = []
+    t = threading.Thread(target=lambda: _run(cfg, errors))
+    t.start()
+    killed = False
+    deadline = time.time() + 600
+    while time.time() < deadline and t.is_alive() and not killed:
+        if ckpt.latest_checkpoint(tmp_path) is not None and len(read_metrics(tmp_path)) >= 3:
+            workers = _train_worker_pids()
+            if workers:
+                os.kill(workers[0], signal.SIGKILL)  # a crash, not a polite stop
+                killed = True
+        time.sleep(0.5)
+    t.join(timeout=600)
+    assert not errors, errors
+    assert killed
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(8))
+    assert all(r["policy/weights_consistent"] == 1 for r in rows)
+    assert rows[-1]["policy/version"] == 8
+
+
+
+def _train_worker_pids() -> list[int]:
+    """PIDs of Ray Train worker processes (Ray sets their title to `ray::RayTrainWorker...`)."""
+    pids = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if f.read().startswith(b"ray::RayTrainWorker"):
+                        pids.append(int(pid))
+            except OSError:
+                pass
+    return sorted(pids)

@@ -45,3 +45,13 @@ def test_resume_continues_step_count_and_metrics(tiny_run, ray_cluster):
     rows = read_metrics(run_dir)
     assert [m["step"] for m in rows] == list(range(more))
     assert rows[-1]["policy/version"] == more
+
+
+def test_ddpo_with_served_rewards(serve_rewards, tmp_path):
+    """reward.backend=serve: rollouts score through the Serve deployment handles (the session's service)."""
+    cfg, run_dir = train_config("configs/tiny_ddpo.yaml", tmp_path, "reward.backend=serve", f"reward.serve_app={serve_rewards.app_name}",
+                                "train.num_epochs=3", "learner.engine=torch", "output.tensorboard=false")
+    rows = read_metrics(run_dir)
+    assert len(rows) == 3
+    for r in rows:
+        assert 0.0 < r["reward/brightness"] < 1.0 and r["reward/mean"] == pytest.approx(r["reward/brightness"])
