@@ -271,7 +271,7 @@ def test_autoscaler_adds_and_removes_role_nodes():
     """Placement groups asking for `rollout`/`learner` make Ray's fake autoscaler add exactly
     those node types; the actors run there; idle nodes go after the idle timeout."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from _autoscaling_sim import kill_own, own_pids
+    from _private_head import kill_own, own_pids
 
     tmpdir = tempfile.mkdtemp(prefix="rdas", dir="/tmp")  # short: Ray's socket paths are length-limited
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
