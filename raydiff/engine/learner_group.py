@@ -49,7 +49,11 @@ class Coordinator:
         self.world_size = world_size
         self.seq = -1
         self.tasks: Optional[list] = None  # pending batch, one task per rank
-        self.results: dict[int, dict[int, Any]] = {}  # seq -> rank -> result
+        self.results: dict[int, dict[int, Any]] = {}  # seq -> rank -> (worker token, result)
+        # Each worker process registers a fresh token when it starts. After a group restart a
+        # result from a pre-restart process is stale (its weights were rolled back) and must
+        # not complete a batch together with post-restart results.
+        self.current: dict[int, str] = {}
         self.stopped = False
         self.changed = asyncio.Condition()
 
@@ -80,18 +84,25 @@ class Coordinator:
             return (None, _STOP)
         return (self.seq, self.tasks[rank])
 
-    async def put_result(self, rank: int, seq: int, result: Any) -> None:
+    async def register(self, rank: int, token: str) -> None:
+        self.current[rank] = token
+
+    def _complete(self, seq: int) -> bool:
+        got = self.results.get(seq, {})
+        return len(got) == self.world_size and all(got[r][0] == self.current.get(r) for r in got)
+
+    async def put_result(self, rank: int, seq: int, result: Any, token: str = "") -> None:
         if seq not in self.results:
             return  # a stale result from before a restart
-        self.results[seq][rank] = result
-        if len(self.results[seq]) == self.world_size:
+        self.results[seq][rank] = (token, result)
+        if self._complete(seq):
             self.tasks = None
         await self._notify()
 
     async def get_results(self, seq: int, timeout: float = 1.0) -> Optional[list]:
         """All ranks' results of batch `seq` in rank order (and forgets them), or None on timeout."""
         def done():
-            return len(self.results.get(seq, {})) == self.world_size
+            return self._complete(seq)
 
         try:
             async with self.changed:
@@ -99,7 +110,7 @@ class Coordinator:
         except asyncio.TimeoutError:
             return None
         res = self.results.pop(seq)
-        return [res[r] for r in range(self.world_size)]
+        return [res[r][1] for r in range(self.world_size)]
 
     async def stop(self) -> None:
         self.stopped = True
@@ -128,6 +139,8 @@ def _train_loop(config: dict) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             worker.load(d)
+    token = uuid.uuid4().hex
+    ray.get(coord.register.remote(rank, token))
     last_seq = -1
     while True:
         got = ray.get(coord.get_task.remote(rank, last_seq))
@@ -140,7 +153,7 @@ def _train_loop(config: dict) -> None:
             result = _save_and_report(worker, name=task[1])
         else:
             result = worker.run_task(task)
-        ray.get(coord.put_result.remote(rank, seq, result))
+        ray.get(coord.put_result.remote(rank, seq, result, token))
         last_seq = seq
 
 
