@@ -47,16 +47,23 @@ def ddpo(args) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    dt, peak = timed_step(step)
+    tflop = 2 * args.batch * 2 * args.steps * unet_tflop(args.arch, model.resolution)  # CFG: 2 calls; fwd+LoRA bwd ≈ 2× fwd
+    return {"step_s": round(dt, 3), "peak_gib": peak,
+            "achieved_tflops": round(tflop / dt, 1), "mfu": round(tflop / dt / peak_tflops(args), 4)}
+
+
+def timed_step(step) -> tuple[float, float]:
+    """Warm-up step, then one timed step: (seconds, peak GiB allocated during it)."""
+    import torch
+
     step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     step()
     torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    tflop = 2 * args.batch * 2 * args.steps * unet_tflop(args.arch, model.resolution)  # CFG: 2 calls; fwd+LoRA bwd ≈ 2× fwd
-    return {"step_s": round(dt, 3), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            "achieved_tflops": round(tflop / dt, 1), "mfu": round(tflop / dt / peak_tflops(args), 4)}
+    return time.perf_counter() - t0, round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
 def alignprop(args, checkpointing: bool) -> dict:
@@ -79,13 +86,8 @@ def alignprop(args, checkpointing: bool) -> dict:
         opt.zero_grad(set_to_none=True)
 
     try:
-        step()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        return {"step_s": round(time.perf_counter() - t0, 3), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        dt, peak = timed_step(step)
+        return {"step_s": round(dt, 3), "peak_gib": peak}
     except torch.cuda.OutOfMemoryError:
         return {"step_s": None, "peak_gib": "OOM"}
 
