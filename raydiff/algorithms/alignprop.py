@@ -20,7 +20,6 @@ from __future__ import annotations
 import random
 from typing import Literal, Optional
 
-import numpy as np
 import torch
 from pydantic import Field
 

@@ -65,8 +65,9 @@ class DistributedLearner:
             return self.load(task[1])
         raise ValueError(f"unknown learner task {kind!r}")
 
-    def _unet_state(self) -> dict:
-        full = self.learner.stepper.gathered_trainable_state()
+    def _unet_state(self, full: dict | None = None) -> dict:
+        """The UNet's trainable weights, named as `trainable_state_dict(unet)` (gathers when `full` is None)."""
+        full = self.learner.stepper.gathered_trainable_state() if full is None else full
         return {k[len("unet."):]: v for k, v in full.items() if k.startswith("unet.")}
 
     def publish(self):
@@ -83,7 +84,7 @@ class DistributedLearner:
         L.stepper.save_checkpoint(str(d / "deepspeed"), tag="state",
                                   client_state={"version": L.version, "rng": L.rng.get_state()})
         full = L.stepper.gathered_trainable_state()  # collective under ZeRO-3
-        state = {k[len("unet."):]: v for k, v in full.items() if k.startswith("unet.")}
+        state = self._unet_state(full)
         if L.rank == 0:
             if L.stepper.zero_stage == 3:  # module params are partitioned: take the gathered trainable ones
                 modules = {name: {k.split(".", 2)[2]: v for k, v in full.items() if k.startswith(f"extra.{name}.")} for name in L.modules}
