@@ -19,7 +19,7 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _multinode import MultiNodeCluster  # noqa: E402
+from _multinode import REPO, MultiNodeCluster  # noqa: E402
 from _private_head import free_port  # noqa: E402
 
 REWARD = {"name": "brightness", "num_cpus": 0.5, "resources": {"reward": 1}}
@@ -146,3 +146,49 @@ def test_trainer_deletes_its_app_on_ctrl_c(cluster, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert "KeyboardInterrupt" in log.read_text()
     assert "mn-ctrlc" not in cluster.run_driver(APPS), log.read_text()[-3000:]
+
+
+# ---- shipped configs against the shipped cluster files (no Ray needed) ----------------------------
+
+
+def _served_components():
+    """(config file, field, component) for every reward deployed on Serve by a shipped config."""
+    import glob
+
+    from raydiff.config import load_config
+    from raydiff.rewards.service_config import load_service_config
+
+    service = load_service_config(os.path.join(REPO, "configs/rewards.yaml"))
+    out = [("configs/rewards.yaml", f"rewards[{i}]", c) for i, c in enumerate(service.rewards)]
+    for path in sorted(glob.glob("configs/*.yaml", root_dir=REPO)):
+        if path.endswith("rewards.yaml"):
+            continue
+        cfg = load_config(os.path.join(REPO, path))
+        if cfg.reward.backend == "serve":
+            out += [(path, f"reward.components[{i}]", c) for i, c in enumerate(cfg.reward.components)]
+    return out
+
+
+@pytest.mark.parametrize("launcher", ["aws.yaml", "gcp.yaml"])
+def test_gpu_configs_put_rewards_on_reward_nodes(launcher):
+    """Every GPU reward of a shipped config asks for the `reward` resource, fits one reward node type, and its
+    autoscaling ceiling fits that type's max_workers (so the autoscaler can launch what Serve asks for)."""
+    import yaml
+
+    from raydiff.engine.placement import _fits, _shapes_from_autoscaler_config, role_bundles
+
+    with open(os.path.join(REPO, "cluster", launcher)) as f:
+        shapes = _shapes_from_autoscaler_config(yaml.safe_load(f))
+    served = _served_components()
+    assert {p for p, _, _ in served} >= {"configs/rewards.yaml", "configs/ddpo_sd15.yaml", "configs/dag_sdxl.yaml",
+                                         "configs/ddpo_sdxl.yaml"}
+    for path, field, c in served:
+        if c.registry_name in ("jpeg_compressibility", "jpeg_incompressibility", "brightness", "color_target"):
+            continue  # weight-free CPU rewards
+        assert c.num_gpus > 0 and c.resources.get("reward", 0) > 0, f"{path} {field}: GPU reward without GPUs/reward"
+        [bundle] = role_bundles(c)
+        homes = [s for s in shapes if _fits(bundle, s)]
+        assert homes and all(s.resources.get("reward") for s in homes), f"{path} {field}: {bundle} fits {homes}"
+        most = c.autoscaling_config.max_replicas if c.autoscaling_config else c.num_replicas
+        capacity = sum(s.count * s.resources["reward"] / c.resources["reward"] for s in homes)
+        assert most <= capacity, f"{path} {field}: up to {most} replicas, reward nodes hold {capacity}"

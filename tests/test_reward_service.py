@@ -328,6 +328,12 @@ def test_owned_app_reuse_replace_and_delete_on_failure(svc, tmp_path):
     assert config["max_batch_size"] == 4
     h2.delete_owned_app()
     assert "own-app" not in serve.status().applications
+    # A reward no node could ever hold fails at once naming the field, instead of serve.run waiting forever.
+    from raydiff.engine.placement import PlacementError
+
+    with pytest.raises(PlacementError, match=r"remove 'reward' from reward.components\[0\].resources"):
+        ensure_reward_service([{**comp, "resources": {"reward": 1}}], app_name="nowhere-app")
+    assert "nowhere-app" not in serve.status().applications
 
     cfg = load_config("configs/tiny_ddpo.yaml", [
         f"output.run_dir={tmp_path}", "output.progress=false", "reward.backend=serve", "reward.serve_app=fail-app",

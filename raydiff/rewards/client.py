@@ -240,7 +240,7 @@ def ensure_reward_service(components: Iterable, app_name: str = "raydiff-rewards
     """
     from ray import serve
 
-    from raydiff.rewards.serve import build_app
+    from raydiff.rewards.serve.app import build_app, check_placement
     from raydiff.rewards.serve.reuse import plan_components, serve_running
     from raydiff.rewards.service_config import RewardServiceConfig
 
@@ -248,7 +248,7 @@ def ensure_reward_service(components: Iterable, app_name: str = "raydiff-rewards
     owned = None
     if plan_components(app_name, comps, reuse) == "deploy":
         if check_placement:
-            _check_placement(comps)
+            check_placement(comps, "reward.components")
         if not serve_running():
             # Handles need no HTTP; start one proxy on the head, localhost only, on a free port.
             serve.start(http_options={"host": "127.0.0.1", "port": _free_port()}, proxy_location="HeadOnly")
@@ -258,11 +258,3 @@ def ensure_reward_service(components: Iterable, app_name: str = "raydiff-rewards
     handles = HandleRewards(app_name, [(c.name, c.weight) for c in comps])
     handles.owned_app = owned
     return handles
-
-
-def _check_placement(comps) -> None:
-    """Fail at once, naming the reward and the fix, when no node (type) could ever hold one replica."""
-    from raydiff.engine.placement import check_feasible, role_bundles
-
-    for c in comps:
-        check_feasible(f"reward {c.name!r} (reward.components)", role_bundles(c)[:1])

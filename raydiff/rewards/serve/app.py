@@ -51,6 +51,17 @@ def build_app(cfg: RewardServiceConfig) -> serve.Application:
     return ingress.bind(cfg.model_dump(), digest, handles)
 
 
+def check_placement(components: list[RewardComponent], field: str) -> None:
+    """Fail at once, naming `field[i]` and the fix, when no node (type) could ever hold one replica.
+
+    Without it a reward asking for GPUs or {reward: 1} on a cluster without such nodes leaves
+    serve.run waiting forever."""
+    from raydiff.engine.placement import check_feasible, role_bundles
+
+    for i, c in enumerate(components):
+        check_feasible(f"{field}[{i}]", role_bundles(c)[:1])
+
+
 def app_builder(args: dict) -> serve.Application:
     """`serve run raydiff.rewards.serve:app_builder config=configs/rewards.yaml` (other keys override fields)."""
     args = dict(args or {})
@@ -71,6 +82,7 @@ def deploy(cfg: RewardServiceConfig, blocking: bool = False) -> str:
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, proxy_location=cfg.proxy_location)
     if plan_app(cfg) == "reuse":
         return cfg.url()
+    check_placement(cfg.rewards, "rewards")
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=blocking)
     return cfg.url()
 
