@@ -123,7 +123,7 @@ def evaluate(args) -> dict:
     if K < 1:
         raise ValueError("--num-per-prompt must be >= 1")
     connect(args.ray_address, args.workers * args.num_cpus + 1)
-    score = ensure_reward_service(rewards, app_name=args.reward_app)
+    score = ensure_reward_service(rewards, app_name=args.reward_app, reuse="by_name")  # served as configured there
     result = {"prompt_set": pset.name, "prompts": pset.prompts, "metadata": pset.metadata,
               "num_prompts": len(pset.prompts), "num_per_prompt": K, "steps": steps, "guidance_scale": guidance,
               "eta": eta, "seed": args.seed, "rewards": rewards, "reward_app": args.reward_app, "policies": {},
