@@ -229,15 +229,16 @@ def _component(c):
 
 
 def ensure_reward_service(components: Iterable, app_name: str = "raydiff-rewards", reuse: str = "error",
-                          check_placement: bool = True) -> HandleRewards:
+                          placement_check: bool = True) -> HandleRewards:
     """Handles to `app_name` on the connected cluster, deploying the components as that app if needed.
 
     `components`: RewardComponent objects (the trainer's reward.components), dicts of their fields,
     or (name, weight[, args]) tuples. A running app is used only if every component runs there with
     the same config hash (raydiff/rewards/serve/reuse.py); otherwise RewardAppMismatch, or with
-    reuse="replace" it is deleted and redeployed; reuse="by_name" takes any running deployment of each
-    named reward (raydiff eval, which names rewards without configuring them). `result.owned_app` is the app name when this call
-    deployed it (the caller deletes it with `result.delete_owned_app()`), else None.
+    reuse="replace" it is deleted and redeployed; reuse="by_name" takes any running deployment of
+    each named reward (raydiff eval, which names rewards without configuring them).
+    `result.owned_app` is the app name when this call deployed it (the caller deletes it with
+    `result.delete_owned_app()`), else None.
     """
     from ray import serve
 
@@ -248,7 +249,7 @@ def ensure_reward_service(components: Iterable, app_name: str = "raydiff-rewards
     comps = [_component(c) for c in components]
     owned = None
     if plan_components(app_name, comps, reuse) == "deploy":
-        if check_placement:
+        if placement_check:  # fail at once, naming the field, if no node could hold a replica
             check_placement(comps, "reward.components")
         if not serve_running():
             # Handles need no HTTP; start one proxy on the head, localhost only, on a free port.
