@@ -160,12 +160,20 @@ class HandleRewards:
         self.owned_app: str | None = None  # set by ensure_reward_service when it deployed the app
 
     def delete_owned_app(self) -> None:
-        """Delete the Serve app ensure_reward_service deployed for this caller (no-op for a reused app)."""
+        """Delete the Serve app ensure_reward_service deployed for this caller (no-op for a reused app).
+
+        A failed delete is logged, not raised: the trainer calls this from `finally`."""
         from ray import serve
 
         if self.owned_app:
             app, self.owned_app = self.owned_app, None
-            serve.delete(app)
+            try:
+                serve.delete(app)
+            except Exception as e:  # noqa: BLE001 - called from `finally`: never mask the run's own error
+                import logging
+
+                logging.getLogger("raydiff.rewards").warning(
+                    "could not delete Serve app %r (%s: %s); delete it with `serve delete %s`", app, type(e).__name__, e, app)
 
     def _send(self, name, images, prompts):
         return self.handles[name].score.remote(images, prompts)
