@@ -7,10 +7,15 @@ import sys
 
 
 def _make_tiny(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="raydiff make-tiny", description="Build a tiny random-weight diffusers model, offline.")
-    p.add_argument("--kind", choices=["sd", "sdxl"], default="sd")
+    p = argparse.ArgumentParser(prog="raydiff make-tiny", description="Build a tiny random-weight model (diffusers SD/SDXL or CLIP reward), offline.")
+    p.add_argument("--kind", choices=["sd", "sdxl", "clip"], default="sd")
     p.add_argument("dir", help="output folder")
     args = p.parse_args(argv)
+    if args.kind == "clip":
+        from raydiff.models.tiny_clip import build_tiny_clip
+
+        print(build_tiny_clip(args.dir))
+        return 0
     from raydiff.models.tiny import build_tiny
 
     print(build_tiny(args.kind, args.dir))

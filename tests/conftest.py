@@ -72,7 +72,7 @@ def serve_rewards(ray_cluster, tmp_path_factory):
 
     from raydiff.rewards.serve import deploy
     from raydiff.rewards.service_config import RewardServiceConfig
-    from raydiff.rewards.tiny_clip import build_tiny_clip
+    from raydiff.models.tiny_clip import build_tiny_clip
 
     tiny = build_tiny_clip(tmp_path_factory.mktemp("served") / "tiny_clip")
     cfg = RewardServiceConfig(

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from raydiff.rewards.base import make_reward, reward_names
 from raydiff.rewards.clip_rewards import AestheticHead, ClipPreprocess
-from raydiff.rewards.tiny_clip import build_tiny_clip, resolve_path
+from raydiff.models.tiny_clip import build_tiny_clip, resolve_path
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,19 @@ def test_tiny_path_resolution_and_cache(tmp_path, monkeypatch):
         resolve_path("tiny://unet")
     r = make_reward("clip_score", clip_path="tiny://clip")
     assert np.isfinite(r(np.zeros((1, 32, 32, 3), np.uint8), ["x"])).all()
+
+
+def test_scorers_never_import_test_builders():
+    """Production scorers, the service and the model loader import no tiny builder (tiny:// loads it on demand)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from raydiff.rewards.base import make_reward, reward_names; reward_names(); "
+            "import raydiff.rewards.serve, raydiff.rewards.client, raydiff.models.loader; "
+            "print(sorted(m for m in sys.modules if m.startswith('raydiff.') and 'tiny' in m))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_tiny_build_is_deterministic(tiny, tmp_path):

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 
 from raydiff.config_base import ConfigError
-from raydiff.models.tiny import resolve_tiny
+from raydiff.models.weights import resolve_weights
 
 
 @dataclass
@@ -77,7 +77,7 @@ def load_model(cfg, device: str | torch.device = "cpu") -> DiffusionModel:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     device = torch.device(device)
-    path = resolve_tiny(cfg.path)
+    path = resolve_weights(cfg.path, "model.path")
     index = read_model_index(path, cfg.revision)
     kind = cfg.kind if cfg.kind != "auto" else ("sdxl" if "text_encoder_2" in index else "sd")
     dtype = resolve_dtype(cfg.dtype, device)

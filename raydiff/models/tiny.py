@@ -21,7 +21,15 @@ _BUILD_VERSION = "2"  # bump when the tiny architecture changes, so caches rebui
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("RAYDIFF_CACHE", Path.home() / ".cache" / "raydiff"))
+    return Path(os.environ.get("RAYDIFF_CACHE") or Path.home() / ".cache" / "raydiff")
+
+
+def tiny_folder(kind: str) -> str:
+    """The cached build behind `tiny://sd` / `tiny://sdxl` (built on first use)."""
+    out = cache_dir() / f"tiny-{kind}-v{_BUILD_VERSION}"
+    if not (out / "model_index.json").is_file():
+        build_tiny(kind, out)
+    return str(out)
 
 
 def resolve_tiny(path: str) -> str:
@@ -31,10 +39,7 @@ def resolve_tiny(path: str) -> str:
     kind = path[len("tiny://"):]
     if kind not in TINY_KINDS:
         raise ValueError(f"model.path {path!r}: unknown tiny model; use tiny://sd or tiny://sdxl")
-    out = cache_dir() / f"tiny-{kind}-v{_BUILD_VERSION}"
-    if not (out / "model_index.json").is_file():
-        build_tiny(kind, out)
-    return str(out)
+    return tiny_folder(kind)
 
 
 def _byte_vocab() -> tuple[dict[str, int], list[str]]:

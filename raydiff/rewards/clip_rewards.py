@@ -4,7 +4,8 @@ All four are differentiable: preprocessing (resize shortest side, centre crop,
 CLIP mean/std) is plain torch, so `score_tensor` keeps the graph from the
 image to the score. Weights load from a hub id or a local folder with
 `CLIPModel.from_pretrained`; `tiny://clip` resolves to the seeded tiny model
-from `raydiff.rewards.tiny_clip` (tests, smoke runs).
+from `raydiff.models.tiny_clip` (tests, smoke runs), built on
+demand by `raydiff.models.weights` (this module never imports the builder).
 
 Weight sources (real runs):
     aesthetic  CLIP openai/clip-vit-large-patch14 + head sac+logos+ava1-l14-linearMSE.pth
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raydiff.rewards.base import Reward, register_reward
-from raydiff.rewards.tiny_clip import resolve_path
+from raydiff.models.weights import resolve_weights as resolve_path
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

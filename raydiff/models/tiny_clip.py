@@ -1,5 +1,6 @@
 """A tiny random CLIP (model + tokenizer + LAION-layout aesthetic head) for tests and smoke runs.
 
+Test fixture: only tests and `tiny://clip` paths (through raydiff.models.weights) load this module.
 `build_tiny_clip(out_dir)` writes a transformers `CLIPModel` folder that loads
 through exactly the code path used for real weights (`CLIPModel.from_pretrained`,
 `CLIPTokenizer.from_pretrained`), plus `aesthetic_head.pth` whose keys follow
@@ -23,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-TINY_PREFIX = "tiny://"
 PROJECTION_DIM = 16
 IMAGE_SIZE = 32
 _MARKER = ".complete"
@@ -119,17 +119,15 @@ def build_tiny_clip(out_dir: str | os.PathLike, seed: int = 0) -> str:
     return str(out)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("RAYDIFF_CACHE") or Path.home() / ".cache" / "raydiff")
+def tiny_folder(kind: str = "clip") -> str:
+    """The cached build behind `tiny://clip` (raydiff.models.weights resolves paths and files in it)."""
+    from raydiff.models.tiny import cache_dir
+
+    return build_tiny_clip(cache_dir() / "tiny_clip")
 
 
 def resolve_path(path: str) -> str:
-    """Map `tiny://clip[/file]` to the cached tiny build; any other path (hub id or folder) is returned as is."""
-    if not isinstance(path, str) or not path.startswith(TINY_PREFIX):
-        return path
-    rest = path[len(TINY_PREFIX):]
-    name, _, sub = rest.partition("/")
-    if name != "clip":
-        raise ValueError(f"unknown tiny model {path!r}; only tiny://clip (and tiny://clip/<file>) exist")
-    root = build_tiny_clip(cache_dir() / "tiny_clip")
-    return str(Path(root) / sub) if sub else root
+    """`tiny://...` to its cached folder or file; other paths unchanged (see raydiff.models.weights)."""
+    from raydiff.models.weights import resolve_weights
+
+    return resolve_weights(path)

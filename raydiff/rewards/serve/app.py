@@ -1,0 +1,93 @@
+"""Build and deploy the reward service app; the `raydiff serve-rewards` entry point."""
+
+import argparse
+import hashlib
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from ray import serve
+
+from raydiff.rewards.serve.ingress import RewardIngress
+from raydiff.rewards.serve.replica import RewardWorker
+from raydiff.rewards.service_config import RewardServiceConfig, load_service_config
+
+
+def build_app(cfg: RewardServiceConfig) -> serve.Application:
+    """A Serve application: `reward_<name>` deployments + the `ingress` deployment (route at cfg.route_prefix)."""
+    handles = {}
+    for r in cfg.rewards:
+        opts: dict[str, Any] = dict(
+            name=r.deployment_name,
+            ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
+            max_ongoing_requests=r.max_ongoing_requests,
+            max_queued_requests=r.max_queued_requests,
+        )
+        if r.autoscaling_config is not None:
+            opts["autoscaling_config"] = r.autoscaling_config.model_dump()
+        else:
+            opts["num_replicas"] = r.num_replicas
+        handles[r.name] = serve.deployment(RewardWorker).options(**opts).bind(r.model_dump(), cfg.max_image_pixels)
+    token = os.environ.get(cfg.token_env, "")
+    # Only the digest travels to the controller, never the token itself.
+    digest = hashlib.sha256(token.encode()).hexdigest() if token else None
+    ingress = serve.deployment(RewardIngress).options(
+        name="ingress", num_replicas=cfg.ingress_num_replicas, ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
+        max_ongoing_requests=max(cfg.max_inflight_requests + 16, 100),
+    )
+    return ingress.bind(cfg.model_dump(), digest, handles)
+
+
+def app_builder(args: dict) -> serve.Application:
+    """`serve run raydiff.rewards.serve:app_builder config=configs/rewards.yaml` (other keys override fields)."""
+    args = dict(args or {})
+    path = args.pop("config", None)
+    return build_app(load_service_config(path, **args))
+
+
+def deploy(cfg: RewardServiceConfig, blocking: bool = False) -> str:
+    """Start Serve's HTTP proxy at cfg.host:cfg.port (if not running) and deploy the app; returns its URL."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=blocking)
+    return cfg.url()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`raydiff serve-rewards [--config configs/rewards.yaml] [--host H] [--port P]`; stays up until Ctrl-C/SIGTERM."""
+    import ray
+
+    ap = argparse.ArgumentParser(prog="raydiff serve-rewards", description="Serve raydiff rewards over HTTP on Ray Serve.")
+    ap.add_argument("--config", default=None, help="service YAML (see configs/rewards.yaml); default: brightness + jpeg")
+    ap.add_argument("--host", default=None, help="bind address of the HTTP proxy (default from config: 127.0.0.1)")
+    ap.add_argument("--port", type=int, default=None, help="HTTP port (default from config: 8000)")
+    a = ap.parse_args(argv)
+    cfg = load_service_config(a.config, host=a.host, port=a.port)
+    joined = bool(os.environ.get("RAY_ADDRESS"))
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        url = deploy(cfg)
+        token = " (bearer token required)" if os.environ.get(cfg.token_env) else ""
+        print(f"raydiff reward service: {url}  (docs: {url}/docs){token}", flush=True)
+        while not stop.is_set():
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("shutting down reward service", flush=True)
+        try:
+            if joined:
+                serve.delete(cfg.app_name)  # leave other apps on a shared cluster alone
+            else:
+                serve.shutdown()
+        finally:
+            ray.shutdown()
+    return 0
+
