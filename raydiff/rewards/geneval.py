@@ -61,9 +61,9 @@ class ClipColours:
         from transformers import CLIPModel, CLIPTokenizer
 
         from raydiff.rewards.clip_rewards import ClipPreprocess, _features, _processor_stats
-        from raydiff.rewards.tiny_clip import resolve_path
+        from raydiff.models.weights import resolve_weights
 
-        path = resolve_path(clip_path)
+        path = resolve_weights(clip_path, "geneval.clip_path")
         self.device, self._features = device, _features
         self.model = CLIPModel.from_pretrained(path).to(device).eval().requires_grad_(False)
         self.tokenizer = CLIPTokenizer.from_pretrained(path)
@@ -125,8 +125,10 @@ class GenEval(Reward):
         self.select_args = dict(threshold=threshold, counting_threshold=counting_threshold, max_objects=max_objects,
                                 max_overlap=max_overlap)
         self.position_threshold = position_threshold
+        from raydiff.models.weights import resolve_weights
+
         dev = _default_device(device)
-        self.detector = OwlDetector(detector_path, object_names(), dev, min_score=min(threshold, counting_threshold),
+        self.detector = OwlDetector(resolve_weights(detector_path, "geneval.detector_path"), object_names(), dev, min_score=min(threshold, counting_threshold),
                                     nms_iou=nms_iou)
         self.colours = ClipColours(clip_path, dev)
 

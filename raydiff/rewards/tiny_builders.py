@@ -2,7 +2,8 @@
 
 Each builder writes a folder that loads through exactly the code path real weights use
 (`from_pretrained(path)`), seeded so two builds are identical; a complete folder is reused.
-Production scorers never import this module: they take paths.
+Production scorers never import this module: they take paths, and `tiny://owl`, `tiny://trocr`,
+`tiny://imagereward`, `tiny://vlm` reach `tiny_folder` through raydiff.models.weights.
 
     build_tiny_owl(dir)          Owlv2ForObjectDetection + Owlv2Processor (CLIP byte-level BPE), 64 px, patch 16
     build_tiny_trocr(dir)        VisionEncoderDecoderModel (ViT encoder + TrOCR decoder) + char tokenizer, 32x64 px
@@ -46,7 +47,7 @@ def _atomic_build(out_dir, build: Callable[[Path], None]) -> str:
 def _clip_tokenizer(max_len: int):
     from transformers import CLIPTokenizer
 
-    from raydiff.rewards.tiny_clip import _vocab_and_merges
+    from raydiff.models.tiny_clip import _vocab_and_merges
 
     vocab, merges = _vocab_and_merges()
     tok = CLIPTokenizer(vocab=vocab, merges=merges)
@@ -75,3 +76,46 @@ def build_tiny_owl(out_dir, seed: int = 0) -> str:
                        tokenizer=tok).save_pretrained(tmp)
 
     return _atomic_build(out_dir, build)
+
+
+def byte_level_roberta_tokenizer():
+    """A RoBERTa-style byte-level BPE with no merges: one token per byte, offline, covers any text."""
+    from transformers import RobertaTokenizer
+
+    from raydiff.models.tiny_clip import bytes_to_unicode
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for sym in bytes_to_unicode().values():
+        vocab.setdefault(sym, len(vocab))
+    return RobertaTokenizer(vocab=vocab, merges=[])
+
+
+def build_tiny_trocr(out_dir, seed: int = 0) -> str:
+    """A tiny TrOCR folder: ViT encoder (32 px, patch 8) + TrOCR decoder, TrOCRProcessor with a byte tokenizer."""
+    from transformers import (TrOCRConfig, TrOCRProcessor, ViTConfig, ViTImageProcessorPil, VisionEncoderDecoderConfig,
+                              VisionEncoderDecoderModel)
+
+    def build(tmp: Path):
+        tok = byte_level_roberta_tokenizer()
+        enc = ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        image_size=32, patch_size=8)
+        dec = TrOCRConfig(vocab_size=len(tok), d_model=32, decoder_layers=2, decoder_attention_heads=4,
+                          decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                          decoder_start_token_id=tok.eos_token_id)
+        cfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+        # As microsoft/trocr-*: generation starts from </s> (id 2), pads with <pad>.
+        cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = tok.eos_token_id, tok.pad_token_id, tok.eos_token_id
+        torch.manual_seed(seed)
+        VisionEncoderDecoderModel(cfg).eval().save_pretrained(tmp)
+        ip = ViTImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        TrOCRProcessor(image_processor=ip, tokenizer=tok).save_pretrained(tmp)
+
+    return _atomic_build(out_dir, build)
+
+
+def tiny_folder(kind: str) -> str:
+    """The cached build behind `tiny://<kind>` (owl, trocr, imagereward, vlm)."""
+    from raydiff.models.tiny import cache_dir
+
+    return globals()[f"build_tiny_{kind}"](cache_dir() / f"tiny_{kind}")
