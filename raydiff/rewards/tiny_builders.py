@@ -114,6 +114,39 @@ def build_tiny_trocr(out_dir, seed: int = 0) -> str:
     return _atomic_build(out_dir, build)
 
 
+# A plain chat template: "user: <image>text\nassistant: " (images as <image>, OpenAI image_url parts too).
+VLM_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] in ('image', 'image_url') %}<image>{% else %}{{ c['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def build_tiny_vlm(out_dir, seed: int = 0) -> str:
+    """A tiny LLaVA (CLIP vision 32 px patch 8 + Llama 2 layers) with LlavaProcessor and a chat template."""
+    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    def build(tmp: Path):
+        tok = byte_level_roberta_tokenizer()
+        tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=32, patch_size=8)
+        text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                          vision_feature_layer=-2, vision_feature_select_strategy="default")
+        torch.manual_seed(seed)
+        LlavaForConditionalGeneration(cfg).eval().save_pretrained(tmp)
+        ip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                       chat_template=VLM_CHAT_TEMPLATE, image_token="<image>",
+                       num_additional_image_tokens=1).save_pretrained(tmp)
+
+    return _atomic_build(out_dir, build)
+
+
 def tiny_folder(kind: str) -> str:
     """The cached build behind `tiny://<kind>` (owl, trocr, imagereward, vlm)."""
     from raydiff.models.tiny import cache_dir
