@@ -56,7 +56,7 @@ def make_reward(name: str, **args) -> "Reward":
 
 def _load_builtin() -> None:
     # Importing the modules runs their @register_reward decorators.
-    from raydiff.rewards import clip_rewards, geneval, group, ocr, simple, vlm_judge  # noqa: F401
+    from raydiff.rewards import clip_rewards, geneval, group, imagereward, ocr, simple, vlm_judge  # noqa: F401
 
 
 @dataclass(frozen=True)

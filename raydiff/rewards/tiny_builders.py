@@ -114,6 +114,50 @@ def build_tiny_trocr(out_dir, seed: int = 0) -> str:
     return _atomic_build(out_dir, build)
 
 
+def tiny_bert_tokenizer(folder: Path | None = None):
+    """A small BERT WordPiece vocab (specials, letters, digits, punctuation, ##-pieces, a few words) + [DEC], [ENC]."""
+    import string
+
+    from transformers import BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase, *string.digits,
+             *string.punctuation, *("##" + c for c in string.ascii_lowercase + string.digits),
+             "a", "photo", "of", "the", "cat", "dog", "red", "blue", "car", "apple"]
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(dict.fromkeys(words))})
+    tok.add_special_tokens({"bos_token": "[DEC]"})
+    tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    if folder is not None:
+        tok.save_pretrained(folder)
+    return tok
+
+
+def tiny_imagereward_configs(vocab_size: int) -> tuple[dict, dict]:
+    """(vision, text) configs of the tiny ImageReward: ViT 32 px patch 8 hidden 32; BERT hidden 32, 2 layers."""
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8, layer_norm_eps=1e-6, hidden_act="gelu")
+    text = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=64, encoder_hidden_size=32, pad_token_id=0,
+                bos_token_id=None, sep_token_id=3)
+    return vision, text
+
+
+def build_tiny_imagereward(out_dir, seed: int = 0) -> str:
+    """A tiny ImageReward folder in the layout `convert_imagereward` writes."""
+    from raydiff.rewards.imagereward import ImageRewardModel
+
+    def build(tmp: Path):
+        tok = tiny_bert_tokenizer(tmp)
+        vision, text = tiny_imagereward_configs(len(tok))
+        torch.manual_seed(seed)
+        model = ImageRewardModel(vision, text)
+        with torch.no_grad():  # random MLP with a visible spread of scores
+            for p in model.mlp.parameters():
+                p.normal_(0, 0.05)
+        model.save(tmp, {"max_length": 35, "source": "tiny random"})
+
+    return _atomic_build(out_dir, build)
+
+
 # A plain chat template: "user: <image>text\nassistant: " (images as <image>, OpenAI image_url parts too).
 VLM_CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {% if m['content'] is string %}{{ m['content'] }}{% else %}"
