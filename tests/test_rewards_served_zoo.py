@@ -36,8 +36,11 @@ def zoo(serve_rewards):
         dict(name="judge", reward="vlm_judge", args={"base_url": f"http://127.0.0.1:{dead}/v1", "required": False,
                                                      "fallback_score": 0.3, "max_retries": 0, "timeout_s": 2}, **small),
         dict(name="brightness_rank", reward="win_rate", args={"reward": "brightness"}, **small),
-        dict(name="brightness", **small),
     ])
+    from raydiff.models.weights import resolve_weights
+
+    for kind in ("owl", "clip", "trocr", "imagereward"):  # build once here, not in racing replicas
+        resolve_weights(f"tiny://{kind}")
     url = deploy(cfg)
     yield url
     serve.delete(APP)
@@ -49,10 +52,10 @@ def _imgs(levels, size=32):
 
 def test_catalogue_lists_new_rewards(zoo):
     cat = {r["name"]: r for r in RewardClient(zoo).catalogue()}
-    assert set(cat) == {"geneval", "ocr", "imagereward", "judge", "brightness_rank", "brightness"}
+    assert set(cat) == {"geneval", "ocr", "imagereward", "judge", "brightness_rank"}
     assert cat["geneval"]["version"] == "geneval-owl-partial-1" and cat["geneval"]["range"] == [0.0, 1.0]
     assert cat["imagereward"]["differentiable"] is True and cat["ocr"]["version"] == "trocr-editdist-1"
-    assert cat["brightness_rank"]["group_wise"] is True and cat["brightness"]["group_wise"] is False
+    assert cat["brightness_rank"]["group_wise"] is True and cat["geneval"]["group_wise"] is False
     assert cat["judge"]["reward"] == "vlm_judge" and cat["judge"]["group_wise"] is False
 
 
@@ -99,11 +102,11 @@ def test_group_wise_over_http(zoo):
     res = httpx.post(url, json=body, timeout=60).json()
     assert res["errors"][1].startswith("undecodable PNG") and res["scores"][1] is None
     np.testing.assert_allclose([res["scores"][i] for i in (0, 2, 3, 4)], [0.0, 1.0, 1.0, 0.0])
-    # mix: pointwise brightness ignores groups, the group-wise one uses them
-    total, parts = RewardClient(zoo).score_mix({"brightness": 1.0, "brightness_rank": 2.0}, imgs, ["p"] * 5,
+    # mix: the pointwise judge (endpoint down: fallback 0.3) ignores groups, the group-wise one uses them
+    total, parts = RewardClient(zoo).score_mix({"judge": 1.0, "brightness_rank": 2.0}, imgs, ["p"] * 5,
                                                groups=[[0, 1, 2], [3, 4]])
     np.testing.assert_allclose(parts["brightness_rank"], [0.0, 1.0, 0.5, 1.0, 0.0])
-    np.testing.assert_allclose(total, np.array(levels) / 255 + 2 * parts["brightness_rank"], atol=1e-5)
+    np.testing.assert_allclose(total, 0.3 + 2 * parts["brightness_rank"], atol=1e-5)
 
 
 def test_group_wise_over_handles(zoo):
