@@ -14,6 +14,7 @@ from pydantic import Field
 
 from raydiff.algorithms.registry import AlgorithmConfig, default_algorithm_config
 from raydiff.config_base import ConfigError, Section, apply_override, build, load_yaml, parse_override
+from raydiff.rewards.service_config import RewardComponent  # one schema for trainer and reward service
 
 __all__ = ["RunConfig", "ConfigError", "load_config"]
 
@@ -54,12 +55,6 @@ class PromptsSection(Section):
     limit: Optional[int] = Field(None, ge=1, description="Use only the first N prompts.")
 
 
-class RewardComponent(Section):
-    name: str = Field(..., description="Reward name from the registry (brightness, jpeg_compressibility, aesthetic, clip_score, ...).")
-    weight: float = Field(1.0, description="Weight of this component in the summed reward.")
-    args: dict = Field(default_factory=dict, description="Keyword arguments of the reward (e.g. path to weights).")
-
-
 class RewardSection(Section):
     backend: Literal["local", "serve"] = Field("local", description="Score in-process (local) or through Ray Serve deployment handles (serve).")
     components: list[RewardComponent] = Field(
@@ -67,6 +62,11 @@ class RewardSection(Section):
         description="Rewards to mix; the training reward is the weighted sum.",
     )
     serve_app: str = Field("raydiff-rewards", description="Ray Serve application name used when backend=serve.")
+    reuse: Literal["error", "replace"] = Field(
+        "error",
+        description="backend=serve and serve_app already runs: its deployments must match components (config hash); "
+                    "else error, or replace = delete and redeploy it.",
+    )
 
 
 class RolloutSection(Section):

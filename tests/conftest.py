@@ -61,6 +61,17 @@ class ServedRewards:
     def __init__(self, cfg, url: str, tiny_clip: str):
         self.cfg, self.url, self.tiny_clip, self.app_name = cfg, url, tiny_clip, cfg.app_name
 
+    def component(self, name: str, weight: float = 1.0) -> dict:
+        """The served reward `name` as a trainer reward component (same config hash, so the run reuses it)."""
+        return {**self.cfg.reward(name).model_dump(mode="json"), "weight": weight}
+
+    def trainer_overrides(self, *names: str) -> list[str]:
+        """Overrides that point a training run at this service (reward.backend=serve) for rewards `names`."""
+        import json
+
+        comps = [self.component(n) for n in (names or ("brightness",))]
+        return ["reward.backend=serve", f"reward.serve_app={self.app_name}", f"reward.components={json.dumps(comps)}"]
+
 
 @pytest.fixture(scope="session")
 def serve_rewards(ray_cluster, tmp_path_factory):

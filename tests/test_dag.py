@@ -165,13 +165,13 @@ def _check_learning(cfg, metrics, margin):
 
 def test_tiny_dag_learns_async_with_served_rewards(ray_cluster, serve_rewards, tmp_path):
     cfg, metrics = _run(ray_cluster, "configs/tiny_dag.yaml", tmp_path,
-                        ["reward.backend=serve", f"reward.serve_app={serve_rewards.app_name}"])
+                        serve_rewards.trainer_overrides("brightness"))
     _check_learning(cfg, metrics, margin=0.005)  # measured 0.4971 -> 0.5067 (seeded, reproducible)
 
 
 def test_tiny_dag_sdxl_learns_async(ray_cluster, serve_rewards, tmp_path, tiny_sdxl):
     cfg, metrics = _run(ray_cluster, "configs/tiny_dag_sdxl.yaml", tmp_path,
-                        [f"model.path={tiny_sdxl}", "reward.backend=serve", f"reward.serve_app={serve_rewards.app_name}"])
+                        [f"model.path={tiny_sdxl}", *serve_rewards.trainer_overrides("brightness")])
     _check_learning(cfg, metrics, margin=0.002)  # measured 0.5561 -> 0.5601
 
 

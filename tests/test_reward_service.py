@@ -17,6 +17,7 @@ from PIL import Image
 
 from raydiff.rewards.base import WeightedRewards, make_reward
 from raydiff.rewards.client import HandleRewards, RewardClient, RewardServiceError, encode_images, ensure_reward_service
+from raydiff.rewards.serve.reuse import RewardAppMismatch
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -186,11 +187,15 @@ def test_handle_rewards_equal_in_process(svc, clip_local):
     np.testing.assert_allclose(parts["brightness"], want["brightness"], rtol=1e-5)
     np.testing.assert_allclose(parts["clip"], want["clip_score"], rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(total, want_total, rtol=1e-4, atol=1e-3)
-    # ensure_reward_service on the running app returns the same handles; a reward it lacks is an error.
-    h = ensure_reward_service([{"name": "brightness", "weight": 1.0}], app_name=svc.app_name)
+    # ensure_reward_service reuses the running app when the component's config hash matches (it did
+    # not deploy it, so it will not delete it); a reward it lacks, or one configured otherwise, is refused.
+    h = ensure_reward_service([svc.component("brightness")], app_name=svc.app_name)
+    assert h.owned_app is None
     np.testing.assert_allclose(h(imgs, prompts)[0], want["brightness"], rtol=1e-5)
-    with pytest.raises(ValueError, match="without rewards \\['aesthetic'\\]"):
+    with pytest.raises(RewardAppMismatch, match="reward 'aesthetic' is not served"):
         ensure_reward_service([("aesthetic", 1.0)], app_name=svc.app_name)
+    with pytest.raises(RewardAppMismatch, match="num_cpus: running 0.1, asked 1.0.*reward.reuse=replace"):
+        ensure_reward_service([{**svc.component("brightness"), "num_cpus": 1.0}], app_name=svc.app_name)
 
 
 def test_client_retries_connection_errors():
@@ -300,3 +305,39 @@ def test_killed_replica_is_replaced_without_failed_requests(svc):
     assert _running_replicas(svc.app_name, "reward_brightness") == 2
     names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == "serve"}
     assert replicas[0]["name"] not in names  # a new replica, not the old one restarted
+
+
+def test_owned_app_reuse_replace_and_delete_on_failure(svc, tmp_path):
+    """ensure_reward_service: deploys and owns an absent app, reuses one with the same config hash, refuses
+    other args (or replaces them); a training run that fails after deploying its app deletes it."""
+    from ray import serve
+
+    from raydiff.config import load_config
+    from raydiff.engine.trainer import Trainer
+    from raydiff.rewards.serve.reuse import app_details
+
+    comp = {"name": "brightness", "num_cpus": 0.1}
+    h = ensure_reward_service([comp], app_name="own-app")
+    assert h.owned_app == "own-app"
+    assert ensure_reward_service([comp], app_name="own-app").owned_app is None  # same hash: reused, not owned
+    with pytest.raises(RewardAppMismatch, match="max_batch_size: running 16, asked 4"):
+        ensure_reward_service([{**comp, "max_batch_size": 4}], app_name="own-app")
+    h2 = ensure_reward_service([{**comp, "max_batch_size": 4}], app_name="own-app", reuse="replace")
+    assert h2.owned_app == "own-app"
+    config = app_details("own-app").deployments["reward_brightness"].deployment_config.user_config["config"]
+    assert config["max_batch_size"] == 4
+    h2.delete_owned_app()
+    assert "own-app" not in serve.status().applications
+    # A reward no node could ever hold fails at once naming the field, instead of serve.run waiting forever.
+    from raydiff.engine.placement import PlacementError
+
+    with pytest.raises(PlacementError, match=r"remove 'reward' from reward.components\[0\].resources"):
+        ensure_reward_service([{**comp, "resources": {"reward": 1}}], app_name="nowhere-app")
+    assert "nowhere-app" not in serve.status().applications
+
+    cfg = load_config("configs/tiny_ddpo.yaml", [
+        f"output.run_dir={tmp_path}", "output.progress=false", "reward.backend=serve", "reward.serve_app=fail-app",
+        "reward.components=[{name: brightness, num_cpus: 0.1}]", "learner.engine=torch", "learner.num_workers=2"])
+    with pytest.raises(ValueError, match="needs learner.engine=deepspeed"):
+        Trainer(cfg).run()  # fails after _start_roles deployed fail-app
+    assert "fail-app" not in serve.status().applications

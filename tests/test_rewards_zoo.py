@@ -263,10 +263,14 @@ def test_service_config_example_and_errors():
     from raydiff.config_base import ConfigError, undocumented_fields
     from raydiff.rewards.service_config import RewardServiceConfig, load_service_config
 
-    root = os.path.join(os.path.dirname(__file__), "..", "configs", "rewards.yaml")
-    cfg = load_service_config(root, port=9001)
+    configs = os.path.join(os.path.dirname(__file__), "..", "configs")
+    cfg = load_service_config(os.path.join(configs, "tiny_rewards.yaml"), port=9001)
     assert cfg.port == 9001 and cfg.reward("aesthetic").args["head_path"] == "tiny://clip/aesthetic_head.pth"
     assert cfg.reward("pickscore").autoscaling_config.max_replicas == 2
+    # The cluster version: GPU rewards ask for GPUs and the reward node type's resource.
+    gpu = load_service_config(os.path.join(configs, "rewards.yaml"))
+    for name in ("aesthetic", "pickscore"):
+        assert gpu.reward(name).num_gpus > 0 and set(gpu.reward(name).resources) == {"reward"}
     assert undocumented_fields(RewardServiceConfig) == []
     with pytest.raises(ConfigError, match=r"rewards\.0\.max_bathc_size: unknown key"):
         load_service_config(None, rewards=[{"name": "brightness", "max_bathc_size": 4}])

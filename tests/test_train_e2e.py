@@ -49,7 +49,7 @@ def test_resume_continues_step_count_and_metrics(tiny_run, ray_cluster):
 
 def test_ddpo_with_served_rewards(serve_rewards, tmp_path):
     """reward.backend=serve: rollouts score through the Serve deployment handles (the session's service)."""
-    cfg, run_dir = train_config("configs/tiny_ddpo.yaml", tmp_path, "reward.backend=serve", f"reward.serve_app={serve_rewards.app_name}",
+    cfg, run_dir = train_config("configs/tiny_ddpo.yaml", tmp_path, *serve_rewards.trainer_overrides("brightness"),
                                 "train.num_epochs=3", "learner.engine=torch", "output.tensorboard=false")
     rows = read_metrics(run_dir)
     assert len(rows) == 3

@@ -100,7 +100,7 @@ class RewardBackprop(Algorithm):
             raise ConfigError("reward.components is empty; a differentiable-reward algorithm needs one, e.g. {name: brightness}")
         out = []
         for i, comp in enumerate(reward_section.components):
-            r = make_reward(comp.name, **comp.args)
+            r = make_reward(comp.registry_name, **comp.args)
             if not getattr(r, "differentiable", False):
                 raise ConfigError(
                     f"reward.components[{i}].name={comp.name!r} is not differentiable; reward-backprop algorithms "

@@ -33,7 +33,7 @@ def build_reward_fn(reward_cfg):
         return HandleRewards(reward_cfg.serve_app, [(c.name, c.weight) for c in reward_cfg.components])
     from raydiff.rewards.base import WeightedRewards, make_reward
 
-    return WeightedRewards([(make_reward(c.name, **c.args), c.weight) for c in reward_cfg.components])
+    return WeightedRewards([(make_reward(c.registry_name, **c.args), c.weight) for c in reward_cfg.components])
 
 
 class RolloutWorker:

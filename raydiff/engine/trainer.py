@@ -67,7 +67,7 @@ class Trainer:
         if cfg.reward.backend == "serve":
             from raydiff.rewards.client import ensure_reward_service
 
-            ensure_reward_service(cfg.reward.components, cfg.reward.serve_app)
+            self.reward_service = ensure_reward_service(cfg.reward.components, cfg.reward.serve_app, cfg.reward.reuse)
         if cfg.learner.engine == "deepspeed":
             from raydiff.engine.distributed import GroupLearnerHandle
 
@@ -111,6 +111,14 @@ class Trainer:
 
     # --- loop --------------------------------------------------------------
     def run(self) -> Path:
+        """Train; a reward app this run deployed is deleted however the run ends (done, error, Ctrl-C)."""
+        try:
+            return self._run()
+        finally:
+            if getattr(self, "reward_service", None) is not None:
+                self.reward_service.delete_owned_app()
+
+    def _run(self) -> Path:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg))

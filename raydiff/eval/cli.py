@@ -110,9 +110,23 @@ def _clean(x):
     return x
 
 
-def evaluate(args) -> dict:
-    from raydiff.rewards.client import ensure_reward_service
+def reward_handles(rewards: list[tuple[str, float]], app_name: str):
+    """Handles to the rewards named in --rewards: a running app that serves all of them is used as it
+    is (eval names rewards, not their configs); otherwise they are deployed with default args."""
+    from ray import serve
 
+    from raydiff.rewards.client import HandleRewards, ensure_reward_service
+
+    try:
+        app = serve.status().applications.get(app_name)
+    except Exception:  # noqa: BLE001 - Serve not started on this cluster
+        app = None
+    if app is not None and all(f"reward_{n}" in app.deployments for n, _ in rewards):
+        return HandleRewards(app_name, rewards)
+    return ensure_reward_service(rewards, app_name=app_name)
+
+
+def evaluate(args) -> dict:
     rewards = parse_rewards(args.rewards)
     pset = resolve_prompt_set(args.prompts, args.category, args.limit, args.per_tag)
     specs = policies(args)
@@ -124,7 +138,7 @@ def evaluate(args) -> dict:
     if K < 1:
         raise ValueError("--num-per-prompt must be >= 1")
     connect(args.ray_address, args.workers * args.num_cpus + 1)
-    score = ensure_reward_service(rewards, app_name=args.reward_app)
+    score = reward_handles(rewards, args.reward_app)
     result = {"prompt_set": pset.name, "prompts": pset.prompts, "metadata": pset.metadata,
               "num_prompts": len(pset.prompts), "num_per_prompt": K, "steps": steps, "guidance_scale": guidance,
               "eta": eta, "seed": args.seed, "rewards": rewards, "reward_app": args.reward_app, "policies": {}}

@@ -4,7 +4,7 @@
                 exponential backoff (scoring is pure, so every call is safe to repeat).
 `HandleRewards` inside the Ray cluster (trainer with `reward.backend: serve`): Serve deployment
                 handles, numpy arrays instead of base64; same call as `WeightedRewards`.
-`ensure_reward_service` deploys the trainer's rewards as a Serve app when it is not running yet.
+`ensure_reward_service` deploys the trainer's rewards as a Serve app unless the same config runs already.
 """
 
 from __future__ import annotations
@@ -164,6 +164,15 @@ class HandleRewards:
             raise ValueError("HandleRewards needs at least one (reward_name, weight)")
         self.app_name, self.components, self.max_retries = app_name, [(n, float(w)) for n, w in components], max_retries
         self.handles = {n: serve.get_deployment_handle(f"reward_{n}", app_name) for n, _ in self.components}
+        self.owned_app: str | None = None  # set by ensure_reward_service when it deployed the app
+
+    def delete_owned_app(self) -> None:
+        """Delete the Serve app ensure_reward_service deployed for this caller (no-op for a reused app)."""
+        from ray import serve
+
+        if self.owned_app:
+            app, self.owned_app = self.owned_app, None
+            serve.delete(app)
 
     def _send(self, name, images, prompts, groups=None):
         return self.handles[name].score.remote(images, prompts, groups)
@@ -217,44 +226,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _component(c) -> tuple[str, float, dict]:
+def _component(c):
+    """A RewardComponent from a component, a dict, or a (name, weight[, args]) tuple."""
+    from raydiff.rewards.service_config import RewardComponent
+
+    if isinstance(c, RewardComponent):
+        return c
     if isinstance(c, dict):
-        return c["name"], float(c.get("weight", 1.0)), dict(c.get("args", {}))
+        return RewardComponent.model_validate(c)
     if isinstance(c, (tuple, list)):
-        return c[0], float(c[1]) if len(c) > 1 else 1.0, dict(c[2]) if len(c) > 2 else {}
-    return c.name, float(c.weight), dict(getattr(c, "args", {}) or {})
+        return RewardComponent(name=c[0], weight=float(c[1]) if len(c) > 1 else 1.0, args=dict(c[2]) if len(c) > 2 else {})
+    return RewardComponent.model_validate(c.model_dump() if hasattr(c, "model_dump") else vars(c))
 
 
-def ensure_reward_service(components: Iterable, app_name: str = "raydiff-rewards", num_cpus: float = 0.5,
-                          num_gpus: float = 0.0) -> HandleRewards:
-    """Handles to `app_name` on the connected cluster, deploying the named rewards first if the app is absent.
+def ensure_reward_service(components: Iterable, app_name: str = "raydiff-rewards", reuse: str = "error",
+                          check_placement: bool = True) -> HandleRewards:
+    """Handles to `app_name` on the connected cluster, deploying the components as that app if needed.
 
-    `components`: the trainer's reward components (objects or dicts with name/weight/args, or
-    (name, weight[, args]) tuples). A running app that lacks one of them is an error, not redeployed.
+    `components`: RewardComponent objects (the trainer's reward.components), dicts of their fields,
+    or (name, weight[, args]) tuples. A running app is used only if every component runs there with
+    the same config hash (raydiff/rewards/serve/reuse.py); otherwise RewardAppMismatch, or with
+    reuse="replace" it is deleted and redeployed. `result.owned_app` is the app name when this call
+    deployed it (the caller deletes it with `result.delete_owned_app()`), else None.
     """
     from ray import serve
 
-    from raydiff.rewards.serve import build_app
-    from raydiff.rewards.service_config import RewardDeploymentConfig, RewardServiceConfig
+    from raydiff.rewards.serve.app import build_app, check_placement
+    from raydiff.rewards.serve.reuse import plan_components, serve_running
+    from raydiff.rewards.service_config import RewardServiceConfig
 
     comps = [_component(c) for c in components]
-    try:
-        apps = serve.status().applications
-    except Exception:  # noqa: BLE001 - Serve not started on this cluster
-        apps = {}
-    app = apps.get(app_name)
-    if app is None or str(app.status).endswith(("DEPLOY_FAILED", "DELETING")):
-        if not apps:  # start Serve ourselves; HTTP on localhost only, on a free port
-            serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
-        cfg = RewardServiceConfig(
-            app_name=app_name, route_prefix=f"/{app_name}",
-            rewards=[RewardDeploymentConfig(name=n, weight=w, args=a, num_cpus=num_cpus, num_gpus=num_gpus)
-                     for n, w, a in comps],
-        )
+    owned = None
+    if plan_components(app_name, comps, reuse) == "deploy":
+        if check_placement:
+            check_placement(comps, "reward.components")
+        if not serve_running():
+            # Handles need no HTTP; start one proxy on the head, localhost only, on a free port.
+            serve.start(http_options={"host": "127.0.0.1", "port": _free_port()}, proxy_location="HeadOnly")
+        cfg = RewardServiceConfig(app_name=app_name, route_prefix=f"/{app_name}", rewards=comps)
         serve.run(build_app(cfg), name=app_name, route_prefix=cfg.route_prefix)
-    else:
-        missing = [n for n, _, _ in comps if f"reward_{n}" not in app.deployments]
-        if missing:
-            raise ValueError(f"Serve app {app_name!r} is running without rewards {missing}; add them to its config "
-                             f"or pick another reward.serve_app (it serves {sorted(app.deployments)})")
-    return HandleRewards(app_name, [(n, w) for n, w, _ in comps])
+        owned = app_name
+    handles = HandleRewards(app_name, [(c.name, c.weight) for c in comps])
+    handles.owned_app = owned
+    return handles

@@ -12,32 +12,54 @@ from ray import serve
 
 from raydiff.rewards.serve.ingress import RewardIngress
 from raydiff.rewards.serve.replica import RewardWorker
-from raydiff.rewards.service_config import RewardServiceConfig, load_service_config
+from raydiff.rewards.serve.reuse import plan_app
+from raydiff.rewards.service_config import RewardComponent, RewardServiceConfig, load_service_config
+
+
+def reward_deployment(r: RewardComponent, max_image_pixels: int) -> serve.Application:
+    """One `reward_<name>` deployment from its component: resources, replicas or autoscaling, batching.
+
+    Its user_config carries the config hash (and the config, for readable mismatch errors) so a
+    later deploy can tell whether the running deployment is the one it asks for (reuse.py)."""
+    actor: dict[str, Any] = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}
+    if r.resources:
+        actor["resources"] = dict(r.resources)
+    opts: dict[str, Any] = dict(
+        name=r.deployment_name,
+        ray_actor_options=actor,
+        max_ongoing_requests=r.max_ongoing_requests,
+        max_queued_requests=r.max_queued_requests,
+        user_config={"config_hash": r.deployment_hash(), "config": r.deployment_config()},
+    )
+    if r.autoscaling_config is not None:
+        opts["autoscaling_config"] = r.autoscaling_config.model_dump()
+    else:
+        opts["num_replicas"] = r.num_replicas
+    return serve.deployment(RewardWorker).options(**opts).bind(r.model_dump(), max_image_pixels)
 
 
 def build_app(cfg: RewardServiceConfig) -> serve.Application:
     """A Serve application: `reward_<name>` deployments + the `ingress` deployment (route at cfg.route_prefix)."""
-    handles = {}
-    for r in cfg.rewards:
-        opts: dict[str, Any] = dict(
-            name=r.deployment_name,
-            ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
-            max_ongoing_requests=r.max_ongoing_requests,
-            max_queued_requests=r.max_queued_requests,
-        )
-        if r.autoscaling_config is not None:
-            opts["autoscaling_config"] = r.autoscaling_config.model_dump()
-        else:
-            opts["num_replicas"] = r.num_replicas
-        handles[r.name] = serve.deployment(RewardWorker).options(**opts).bind(r.model_dump(), cfg.max_image_pixels)
+    handles = {r.name: reward_deployment(r, cfg.max_image_pixels) for r in cfg.rewards}
     token = os.environ.get(cfg.token_env, "")
     # Only the digest travels to the controller, never the token itself.
     digest = hashlib.sha256(token.encode()).hexdigest() if token else None
     ingress = serve.deployment(RewardIngress).options(
         name="ingress", num_replicas=cfg.ingress_num_replicas, ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
-        max_ongoing_requests=max(cfg.max_inflight_requests + 16, 100),
+        max_ongoing_requests=max(cfg.max_inflight_requests + 16, 100), user_config={"app_hash": cfg.app_hash()},
     )
     return ingress.bind(cfg.model_dump(), digest, handles)
+
+
+def check_placement(components: list[RewardComponent], field: str) -> None:
+    """Fail at once, naming `field[i]` and the fix, when no node (type) could ever hold one replica.
+
+    Without it a reward asking for GPUs or {reward: 1} on a cluster without such nodes leaves
+    serve.run waiting forever."""
+    from raydiff.engine.placement import check_feasible, role_bundles
+
+    for i, c in enumerate(components):
+        check_feasible(f"{field}[{i}]", role_bundles(c)[:1])
 
 
 def app_builder(args: dict) -> serve.Application:
@@ -48,12 +70,19 @@ def app_builder(args: dict) -> serve.Application:
 
 
 def deploy(cfg: RewardServiceConfig, blocking: bool = False) -> str:
-    """Start Serve's HTTP proxy at cfg.host:cfg.port (if not running) and deploy the app; returns its URL."""
+    """Start Serve's HTTP proxy at cfg.host:cfg.port (if not running) and deploy the app; returns its URL.
+
+    An app named cfg.app_name that already runs the same config (app hash) is left as it is; one
+    with another config is refused (RewardAppMismatch naming what differs) or, with
+    cfg.reuse=replace, deleted and deployed anew."""
     import ray
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, proxy_location=cfg.proxy_location)
+    if plan_app(cfg) == "reuse":
+        return cfg.url()
+    check_placement(cfg.rewards, "rewards")
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=blocking)
     return cfg.url()
 

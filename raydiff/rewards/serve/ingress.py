@@ -73,6 +73,11 @@ class RewardIngress:
         BodyLimit.max_bytes = self.cfg.max_body_bytes
         self.inflight = 0
         self._info: dict[str, dict] = {}
+        self.app_hash = self.cfg.app_hash()
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve hands over the ingress's user_config: {app_hash} written by build_app (reuse.py reads it)."""
+        self.app_hash = (user_config or {}).get("app_hash", self.app_hash)
 
     # -- helpers -------------------------------------------------------------------------------
 

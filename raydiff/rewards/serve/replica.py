@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from raydiff.rewards.service_config import RewardDeploymentConfig
+from raydiff.rewards.service_config import RewardComponent
+
 
 class RewardWorker:
     """One replica of one reward. `score` takes numpy images (N,H,W,3) uint8 (or a list of (H,W,3)) + prompts.
@@ -26,17 +27,22 @@ class RewardWorker:
     def __init__(self, cfg: dict, max_image_pixels: int = 4096 * 4096):
         from raydiff.rewards.base import make_reward
 
-        self.cfg = RewardDeploymentConfig.model_validate(cfg)
+        self.cfg = RewardComponent.model_validate(cfg)
+        self.config_hash = self.cfg.deployment_hash()
         self.reward = make_reward(self.cfg.registry_name, **self.cfg.args)
         self.max_image_pixels = max_image_pixels
         self.score_batch.set_max_batch_size(self.cfg.max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
 
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve hands over the deployment's user_config: {config_hash, config} written by build_app (reuse.py reads it)."""
+        self.config_hash = (user_config or {}).get("config_hash", self.config_hash)
+
     def info(self) -> dict:
         i = self.reward.info()
         return {"name": self.cfg.name, "reward": i.name, "version": i.version, "differentiable": i.differentiable,
                 "input_size": i.input_size, "range": list(i.range) if i.range else None, "weight": self.cfg.weight,
-                "group_wise": i.group_wise}
+                "group_wise": i.group_wise, "config_hash": self.config_hash}
 
     async def score(self, images, prompts: list[str], groups: list[list[int]] | None = None) -> dict:
         """`groups` (a partition of the image indices) matters only to group-wise rewards; default: by prompt."""
