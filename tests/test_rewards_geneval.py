@@ -161,6 +161,33 @@ def test_detector_output_well_formed(tiny_owl):
         assert len(nms(b, torch.tensor([d.score for d in same]), 0.5)) == len(same)
 
 
+def hub_layout(folder, tmp_path, image_processor_type: str) -> str:
+    """A copy of a tiny build laid out as hub folders are (preprocessor_config.json with the plain class name)."""
+    import json
+    import shutil
+
+    out = tmp_path / "hub"
+    shutil.copytree(folder, out)
+    pc = json.loads((out / "processor_config.json").read_text())
+    ip = pc.pop("image_processor")
+    ip["image_processor_type"] = image_processor_type
+    (out / "processor_config.json").write_text(json.dumps(pc))
+    (out / "preprocessor_config.json").write_text(json.dumps(ip))
+    return str(out)
+
+
+def test_hub_layout_loads_without_torchvision(tiny_owl, tmp_path):
+    """google/owlv2-* name Owlv2ImageProcessor; without torchvision transformers must pick the PIL backend."""
+    import importlib.util
+
+    from raydiff.rewards.detector import OwlDetector
+
+    assert importlib.util.find_spec("torchvision") is None
+    det = OwlDetector(hub_layout(tiny_owl, tmp_path, "Owlv2ImageProcessor"), ["cat", "dog"], torch.device("cpu"), 0.0)
+    assert type(det.processor.image_processor).__name__ == "Owlv2ImageProcessorPil"
+    assert len(det(np.zeros((1, 30, 40, 3), np.uint8))) == 1
+
+
 def test_colour_classifier_is_geneval_zero_shot():
     from raydiff.rewards.geneval import COLOR_TEMPLATES, ClipColours
 

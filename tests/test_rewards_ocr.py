@@ -96,6 +96,18 @@ def test_ocr_reward_on_rendered_text(tiny_trocr, crops):
         r(imgs[:1], ["a sign with no text"])
 
 
+def test_hub_layout_loads_without_torchvision(tiny_trocr, tmp_path):
+    """microsoft/trocr-* name ViTImageProcessor; without torchvision transformers must pick the PIL backend."""
+    from test_rewards_geneval import hub_layout
+
+    from raydiff.rewards.base import make_reward
+
+    r = make_reward("ocr", model_path=hub_layout(tiny_trocr, tmp_path, "ViTImageProcessor"), crops="image",
+                    max_new_tokens=4)
+    assert type(r.processor.image_processor).__name__ == "ViTImageProcessorPil"
+    assert r(render(["HI"])[None], ['"HI"']).shape == (1,)
+
+
 def test_ocr_reward_tiny_path_and_bad_crops():
     from raydiff.rewards.base import make_reward
 

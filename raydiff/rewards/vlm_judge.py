@@ -126,7 +126,12 @@ class VlmJudge(Reward):
         self.client = httpx.Client(timeout=timeout_s, headers=headers,
                                    limits=httpx.Limits(max_connections=max_concurrency))
         self._slots = threading.BoundedSemaphore(max_concurrency)  # shared by concurrent calls on this instance
+        self._stats_lock = threading.Lock()
         self.stats = {"requests": 0, "retries": 0, "fallbacks": 0}
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._stats_lock:
+            self.stats[key] += n
 
     # -- one request --------------------------------------------------------------------------
 
@@ -140,7 +145,7 @@ class VlmJudge(Reward):
         for attempt in range(self.max_retries + 1):
             wait, why = None, None
             with self._slots:
-                self.stats["requests"] += 1
+                self._count("requests")
                 try:
                     r = self.client.post(self.url, json=body)
                 except (httpx.TimeoutException, httpx.TransportError) as e:
@@ -159,7 +164,7 @@ class VlmJudge(Reward):
                     wait = float(ra) if ra and ra.replace(".", "", 1).isdigit() else None
             if attempt == self.max_retries:
                 raise VlmJudgeError(f"vlm_judge: {self.url} failed after {attempt + 1} attempts: {why}")
-            self.stats["retries"] += 1
+            self._count("retries")
             time.sleep(wait if wait is not None else self.backoff_s * 2**attempt * (0.5 + random.random()))
         raise AssertionError("unreachable")
 
@@ -182,7 +187,7 @@ class VlmJudge(Reward):
                                 " (set vlm_judge.required=false to use fallback_score instead)")
         for w, r in bad:
             log.warning("vlm_judge: %s failed, using %s: %s", w, fallback, r)
-        self.stats["fallbacks"] += len(bad)
+        self._count("fallbacks", len(bad))
         return [fallback if isinstance(r, Exception) else r for r in results]
 
     # -- scoring ------------------------------------------------------------------------------
