@@ -26,8 +26,6 @@ import json
 import re
 from pathlib import Path
 
-import torch
-
 VISION_BLOCK = {"norm1": "layer_norm1", "attn.qkv": "self_attn.qkv", "attn.proj": "self_attn.projection",
                 "norm2": "layer_norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
 DROPPED = ("blip.vision_proj.", "blip.text_proj.")
