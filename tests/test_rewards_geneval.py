@@ -242,3 +242,22 @@ def test_geneval_metadata_path_and_bad_mode(tiny_owl, tmp_path):
         make_reward("geneval", detector_path=tiny_owl, clip_path="tiny://clip", mode="exact")
     with pytest.raises(ValueError, match="expected an OWLv2 or OWL-ViT"):
         make_reward("geneval", detector_path="tiny://clip", clip_path="tiny://clip")
+
+
+def test_geneval_table_by_hand():
+    """GenEval's summary: accuracy per tag (score == 1), overall = mean over tags; failed images left out."""
+    from raydiff.eval.geneval import geneval_markdown, geneval_table
+
+    meta = [{"tag": "counting"}, {"tag": "single_object"}, {"tag": "position"}, {"tag": "counting"}]
+    s = np.array([[1.0, 0.5], [np.nan, 1.0], [1.0, 1.0], [0.75, 0.0]])
+    t = geneval_table(s, meta)
+    assert list(t["tags"]) == ["single_object", "counting", "position"]  # GenEval's tag order
+    assert t["tags"]["counting"] == {"prompts": 2, "images": 4, "correct": 1, "accuracy": 0.25,
+                                     "mean_score": pytest.approx(2.25 / 4)}
+    assert t["tags"]["single_object"]["images"] == 1 and t["tags"]["single_object"]["accuracy"] == 1.0
+    assert t["overall"] == pytest.approx((0.25 + 1.0 + 1.0) / 3) and t["failed_images"] == 1
+    assert t["correct_images"] == pytest.approx(4 / 7) and t["correct_prompts"] == pytest.approx(3 / 4)
+    md = "\n".join(geneval_markdown({"reward": "geneval", "version": "v", "note": "", "policies": {"base": t}}))
+    assert "| counting | 2 | 4 | 1 | 0.2500 | 0.5625 |" in md and "**0.7500**" in md
+    with pytest.raises(ValueError, match="prompts, samples"):
+        geneval_table(s[:2], meta)

@@ -182,9 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     for label, pol in result["policies"].items():
         s = pol["aggregate"]["total"]
         print(f"{label}: total reward {s['mean']:.4f} (95% CI {s['ci_low']}, {s['ci_high']}) over {s['n']} {s['unit']}s")
+    def num(x):  # NaN was written as null
+        return "n/a" if x is None else f"{x:.3f}"
+
     for label, table in (result.get("geneval") or {}).get("policies", {}).items():
-        tags = ", ".join(f"{t} {r['accuracy']:.3f}" for t, r in table["tags"].items())
-        print(f"{label}: GenEval overall {table['overall']:.4f} ({tags})")
+        tags = ", ".join(f"{t} {num(r['accuracy'])}" for t, r in table["tags"].items())
+        print(f"{label}: GenEval overall {num(table['overall'])} ({tags})")
     if "comparison" in result:
         d = result["comparison"]["delta"]["total"]
         print(f"delta {result['comparison']['a']} − {result['comparison']['b']}: {d['mean']:.4f} (95% CI {d['ci_low']}, {d['ci_high']})")

@@ -36,6 +36,10 @@ def geneval_table(scores: np.ndarray, metadata: list[dict]) -> dict:
             "correct_prompts": float(ok.any(axis=1).mean()), "failed_images": int((~valid).sum())}
 
 
+def _f(x) -> str:
+    return "nan" if x is None or x != x else f"{x:.4f}"
+
+
 def geneval_markdown(section: dict) -> list[str]:
     """Markdown lines: one table per policy with a row per tag and the overall score."""
     lines = ["", "## GenEval", ""]
@@ -47,8 +51,8 @@ def geneval_markdown(section: dict) -> list[str]:
         lines += [f"### {label}", "", "| tag | prompts | images | correct | accuracy | mean score |",
                   "|---|---|---|---|---|---|"]
         for tag, r in t["tags"].items():
-            lines.append(f"| {tag} | {r['prompts']} | {r['images']} | {r['correct']} | {r['accuracy']:.4f} | "
-                         f"{r['mean_score']:.4f} |")
-        lines += [f"| **overall (mean over tags)** | | | | **{t['overall']:.4f}** | |", "",
-                  f"Correct images {t['correct_images']:.2%}; prompts with a correct image {t['correct_prompts']:.2%}.", ""]
+            lines.append(f"| {tag} | {r['prompts']} | {r['images']} | {r['correct']} | {_f(r['accuracy'])} | "
+                         f"{_f(r['mean_score'])} |")
+        lines += [f"| **overall (mean over tags)** | | | | **{_f(t['overall'])}** | |", "",
+                  f"Correct images {_f(t['correct_images'])}; prompts with a correct image {_f(t['correct_prompts'])}.", ""]
     return lines
