@@ -79,6 +79,14 @@ out["after_refusal_batch"] = deployed()[1].deployment_config.user_config["config
 deploy(cfg(reuse="replace", max_batch_size=8))
 out["after_replace_batch"] = deployed()[1].deployment_config.user_config["config"]["max_batch_size"]
 out["after_replace_nodes"] = replica_nodes(APP)
+import os
+os.environ["RAYDIFF_REWARD_TOKEN"] = "s3cret"  # same config, but now a bearer token: another app
+try:
+    deploy(cfg(max_batch_size=8))
+    out["token_refused"] = None
+except RewardAppMismatch as e:
+    out["token_refused"] = str(e)
+del os.environ["RAYDIFF_REWARD_TOKEN"]
 serve.delete(APP)
 out["apps_after_delete"] = sorted(serve.status().applications)
 print(json.dumps(out))
@@ -102,6 +110,7 @@ def test_reward_replicas_placement_autoscaling_and_reuse(cluster):
     assert out["same_config_redeployed"] is False
     assert "max_batch_size: running 4, asked 8" in out["refused"] and "reuse=replace" in out["refused"], out["refused"]
     assert out["after_refusal_batch"] == 4 and out["after_replace_batch"] == 8
+    assert "bearer token" in out["token_refused"], out["token_refused"]
     assert "mn-rewards" not in out["apps_after_delete"]
 
 

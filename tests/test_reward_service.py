@@ -196,6 +196,10 @@ def test_handle_rewards_equal_in_process(svc, clip_local):
         ensure_reward_service([("aesthetic", 1.0)], app_name=svc.app_name)
     with pytest.raises(RewardAppMismatch, match="num_cpus: running 0.1, asked 1.0.*reward.reuse=replace"):
         ensure_reward_service([{**svc.component("brightness"), "num_cpus": 1.0}], app_name=svc.app_name)
+    # raydiff eval names rewards only: by_name takes the served deployment as configured there.
+    assert ensure_reward_service([("brightness", 1.0)], app_name=svc.app_name, reuse="by_name").owned_app is None
+    with pytest.raises(RewardAppMismatch, match="'aesthetic' is not served"):
+        ensure_reward_service([("aesthetic", 1.0)], app_name=svc.app_name, reuse="by_name")
 
 
 def test_client_retries_connection_errors():

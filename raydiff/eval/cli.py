@@ -110,23 +110,9 @@ def _clean(x):
     return x
 
 
-def reward_handles(rewards: list[tuple[str, float]], app_name: str):
-    """Handles to the rewards named in --rewards: a running app that serves all of them is used as it
-    is (eval names rewards, not their configs); otherwise they are deployed with default args."""
-    from ray import serve
-
-    from raydiff.rewards.client import HandleRewards, ensure_reward_service
-
-    try:
-        app = serve.status().applications.get(app_name)
-    except Exception:  # noqa: BLE001 - Serve not started on this cluster
-        app = None
-    if app is not None and all(f"reward_{n}" in app.deployments for n, _ in rewards):
-        return HandleRewards(app_name, rewards)
-    return ensure_reward_service(rewards, app_name=app_name)
-
-
 def evaluate(args) -> dict:
+    from raydiff.rewards.client import ensure_reward_service
+
     rewards = parse_rewards(args.rewards)
     pset = resolve_prompt_set(args.prompts, args.category, args.limit, args.per_tag)
     specs = policies(args)
@@ -138,7 +124,7 @@ def evaluate(args) -> dict:
     if K < 1:
         raise ValueError("--num-per-prompt must be >= 1")
     connect(args.ray_address, args.workers * args.num_cpus + 1)
-    score = reward_handles(rewards, args.reward_app)
+    score = ensure_reward_service(rewards, app_name=args.reward_app, reuse="by_name")  # served as configured there
     result = {"prompt_set": pset.name, "prompts": pset.prompts, "metadata": pset.metadata,
               "num_prompts": len(pset.prompts), "num_per_prompt": K, "steps": steps, "guidance_scale": guidance,
               "eta": eta, "seed": args.seed, "rewards": rewards, "reward_app": args.reward_app, "policies": {}}
@@ -182,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, pol in result["policies"].items():
         s = pol["aggregate"]["total"]
         print(f"{label}: total reward {s['mean']:.4f} (95% CI {s['ci_low']}, {s['ci_high']}) over {s['n']} {s['unit']}s")
+
     def num(x):  # NaN was written as null
         return "n/a" if x is None else f"{x:.3f}"
 

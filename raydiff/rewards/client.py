@@ -246,7 +246,8 @@ def ensure_reward_service(components: Iterable, app_name: str = "raydiff-rewards
     `components`: RewardComponent objects (the trainer's reward.components), dicts of their fields,
     or (name, weight[, args]) tuples. A running app is used only if every component runs there with
     the same config hash (raydiff/rewards/serve/reuse.py); otherwise RewardAppMismatch, or with
-    reuse="replace" it is deleted and redeployed. `result.owned_app` is the app name when this call
+    reuse="replace" it is deleted and redeployed; reuse="by_name" takes any running deployment of each
+    named reward (raydiff eval, which names rewards without configuring them). `result.owned_app` is the app name when this call
     deployed it (the caller deletes it with `result.delete_owned_app()`), else None.
     """
     from ray import serve

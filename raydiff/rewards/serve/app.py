@@ -41,14 +41,23 @@ def reward_deployment(r: RewardComponent, max_image_pixels: int) -> serve.Applic
 def build_app(cfg: RewardServiceConfig) -> serve.Application:
     """A Serve application: `reward_<name>` deployments + the `ingress` deployment (route at cfg.route_prefix)."""
     handles = {r.name: reward_deployment(r, cfg.max_image_pixels) for r in cfg.rewards}
-    token = os.environ.get(cfg.token_env, "")
-    # Only the digest travels to the controller, never the token itself.
-    digest = hashlib.sha256(token.encode()).hexdigest() if token else None
+    digest = token_digest(cfg)
     ingress = serve.deployment(RewardIngress).options(
         name="ingress", num_replicas=cfg.ingress_num_replicas, ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
-        max_ongoing_requests=max(cfg.max_inflight_requests + 16, 100), user_config={"app_hash": cfg.app_hash()},
+        max_ongoing_requests=max(cfg.max_inflight_requests + 16, 100), user_config={"app_hash": app_hash(cfg)},
     )
     return ingress.bind(cfg.model_dump(), digest, handles)
+
+
+def token_digest(cfg: RewardServiceConfig) -> str | None:
+    """sha256 of the bearer token in $cfg.token_env (None: no auth). Only the digest travels to the controller."""
+    token = os.environ.get(cfg.token_env, "")
+    return hashlib.sha256(token.encode()).hexdigest() if token else None
+
+
+def app_hash(cfg: RewardServiceConfig) -> str:
+    """The config hash plus the token digest: redeploying with another token is a different app."""
+    return hashlib.sha256(f"{cfg.app_hash()}:{token_digest(cfg)}".encode()).hexdigest()[:16]
 
 
 def check_placement(components: list[RewardComponent], field: str) -> None:
@@ -80,7 +89,7 @@ def deploy(cfg: RewardServiceConfig, blocking: bool = False) -> str:
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None)
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, proxy_location=cfg.proxy_location)
-    if plan_app(cfg) == "reuse":
+    if plan_app(cfg, app_hash(cfg)) == "reuse":
         return cfg.url()
     check_placement(cfg.rewards, "rewards")
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=blocking)

@@ -73,7 +73,7 @@ class RewardIngress:
         BodyLimit.max_bytes = self.cfg.max_body_bytes
         self.inflight = 0
         self._info: dict[str, dict] = {}
-        self.app_hash = self.cfg.app_hash()
+        self.app_hash: str | None = None
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve hands over the ingress's user_config: {app_hash} written by build_app (reuse.py reads it)."""

@@ -100,30 +100,38 @@ def _refuse_or_delete(app_name: str, reuse: str, problems: list[str], field: str
     serve.delete(app_name)
 
 
-def plan_app(cfg: RewardServiceConfig) -> Literal["deploy", "reuse"]:
-    """For `raydiff serve-rewards`: reuse an app with the same app hash; refuse or delete a different one."""
+def plan_app(cfg: RewardServiceConfig, app_hash: str) -> Literal["deploy", "reuse"]:
+    """For `raydiff serve-rewards`: reuse an app with the same `app_hash` (app.py); refuse or delete a different one."""
     app = _live(cfg.app_name)
     if app is None:
         return "deploy"
-    if _user_config(app, "ingress").get("app_hash") == cfg.app_hash():
+    if _user_config(app, "ingress").get("app_hash") == app_hash:
         return "reuse"
     problems = component_problems(app, cfg.rewards)
     extra = sorted(set(app.deployments) - {r.deployment_name for r in cfg.rewards} - {"ingress"})
     if extra:
         problems.append(f"it also serves {extra}")
-    _refuse_or_delete(cfg.app_name, cfg.reuse, problems or ["service settings differ (limits, route, ingress)"],
-                      "reuse")
+    _refuse_or_delete(cfg.app_name, cfg.reuse,
+                      problems or ["service settings differ (limits, route, ingress or bearer token)"], "reuse")
     return "deploy"
 
 
 def plan_components(app_name: str, components: list[RewardComponent],
                     reuse: str) -> Literal["deploy", "reuse"]:
-    """For the trainer: reuse the app when every named reward runs with the same config hash."""
+    """For the trainer: reuse the app when every named reward runs with the same config hash.
+
+    reuse="by_name" (raydiff eval, which names rewards without configuring them) only needs each
+    reward to be served, whatever its config; a missing one is still an error."""
     app = _live(app_name)
     if app is None:
         return "deploy"
     problems = component_problems(app, components)
+    if reuse == "by_name":
+        problems = [p for p in problems if "is not served" in p]
     if not problems:
         return "reuse"
+    if reuse == "by_name":
+        raise RewardAppMismatch(f"Serve app {app_name!r} runs without some of these rewards: {' | '.join(problems)}. "
+                                "Add them to its config or pick another app.")
     _refuse_or_delete(app_name, reuse, problems, "reward.reuse")
     return "deploy"
