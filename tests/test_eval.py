@@ -47,6 +47,10 @@ def test_prompt_sets():
         resolve_prompt_set("parti:NoSuchThing")
     g = resolve_prompt_set("geneval", limit=2)
     assert g.metadata[0]["include"][0]["count"] == 1
+    g = resolve_prompt_set("geneval", per_tag=2)
+    assert len(g.prompts) == 12 and [m["tag"] for m in g.metadata].count("position") == 2
+    with pytest.raises(ValueError, match="--per-tag applies to --prompts geneval only"):
+        resolve_prompt_set("parti", per_tag=2)
 
 
 def make_tiny_checkpoint(tiny_sd: str, run_dir):
@@ -100,7 +104,7 @@ def test_eval_checkpoint_vs_base_cli(ray_cluster, serve_rewards, tiny_sd, tiny_c
     d = res["comparison"]["delta"]["brightness"]
     a, b = (np.array(res["policies"][k]["scores"]["brightness"]).mean(1) for k in ("checkpoint", "base"))
     assert d["mean"] == pytest.approx(float((a - b).mean()), abs=1e-6) and d["mean"] != 0.0
-    assert res["geneval"]["detection"] == "unavailable"
+    assert "geneval" not in res  # PartiPrompts have no GenEval metadata
     md = (out / "eval.md").read_text()
     assert "| checkpoint | total |" in md and "checkpoint − base" in md
     for f in ("grid_checkpoint.png", "grid_base.png", "compare_grid.png"):

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rewards", default="brightness", help="comma list of served rewards, each name or name:weight")
     p.add_argument("--num-per-prompt", type=int, default=4, help="samples per prompt (K)")
     p.add_argument("--limit", type=int, help="use the first N prompts")
+    p.add_argument("--per-tag", type=int, help="GenEval: the first N prompts of each tag (all six tags in a short run)")
     p.add_argument("--steps", type=int, help="DDIM steps (default: the checkpoint's sampling.num_steps, else 50)")
     p.add_argument("--guidance", type=float, help="CFG scale (default: the checkpoint's, else 5.0)")
     p.add_argument("--eta", type=float, help="DDIM eta (default: the checkpoint's, else 1.0)")
@@ -113,7 +114,7 @@ def evaluate(args) -> dict:
     from raydiff.rewards.client import ensure_reward_service
 
     rewards = parse_rewards(args.rewards)
-    pset = resolve_prompt_set(args.prompts, args.category, args.limit)
+    pset = resolve_prompt_set(args.prompts, args.category, args.limit, args.per_tag)
     specs = policies(args)
     sampling = next((p.sampling for p in specs if p.sampling), None) or {}
     steps = args.steps or sampling.get("num_steps", 50)
@@ -126,8 +127,7 @@ def evaluate(args) -> dict:
     score = ensure_reward_service(rewards, app_name=args.reward_app, reuse="by_name")  # served as configured there
     result = {"prompt_set": pset.name, "prompts": pset.prompts, "metadata": pset.metadata,
               "num_prompts": len(pset.prompts), "num_per_prompt": K, "steps": steps, "guidance_scale": guidance,
-              "eta": eta, "seed": args.seed, "rewards": rewards, "reward_app": args.reward_app, "policies": {},
-              "geneval": geneval_section(pset.metadata)}
+              "eta": eta, "seed": args.seed, "rewards": rewards, "reward_app": args.reward_app, "policies": {}}
     raw, grids = {}, {}
     worker_kwargs = dict(num_steps=steps, guidance_scale=guidance, eta=eta, torch_threads=args.torch_threads)
     for spec in specs:
@@ -145,6 +145,10 @@ def evaluate(args) -> dict:
                             for n, s in scores.items()} for i in range(len(pset.prompts))],
             "scores": {n: s.tolist() for n, s in scores.items()},
         }
+    if any("tag" in m for m in pset.metadata):  # GenEval prompts: the benchmark's per-tag table
+        name = next((n for n, _ in rewards if n == "geneval" or n.startswith("geneval")), None)
+        version = score.handles[name].info.remote().result().get("version") if name else None
+        result["geneval"] = geneval_section(pset.metadata, raw, name, version)
     if len(specs) == 2:
         a, b = (s.label for s in specs)
         result["comparison"] = {"a": a, "b": b, "delta": {n: paired_delta(raw[a][n], raw[b][n]) for n in raw[a]}}
@@ -164,6 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     for label, pol in result["policies"].items():
         s = pol["aggregate"]["total"]
         print(f"{label}: total reward {s['mean']:.4f} (95% CI {s['ci_low']}, {s['ci_high']}) over {s['n']} {s['unit']}s")
+
+    def num(x):  # NaN was written as null
+        return "n/a" if x is None else f"{x:.3f}"
+
+    for label, table in (result.get("geneval") or {}).get("policies", {}).items():
+        tags = ", ".join(f"{t} {num(r['accuracy'])}" for t, r in table["tags"].items())
+        print(f"{label}: GenEval overall {num(table['overall'])} ({tags})")
     if "comparison" in result:
         d = result["comparison"]["delta"]["total"]
         print(f"delta {result['comparison']['a']} − {result['comparison']['b']}: {d['mean']:.4f} (95% CI {d['ci_low']}, {d['ci_high']})")

@@ -30,8 +30,12 @@ def geneval_rows() -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def resolve_prompt_set(spec: str, category: str | None = None, limit: int | None = None) -> PromptSet:
-    """Prompts (and per-prompt metadata) for `spec`; `category` filters PartiPrompts like `parti:<category>`."""
+def resolve_prompt_set(spec: str, category: str | None = None, limit: int | None = None,
+                       per_tag: int | None = None) -> PromptSet:
+    """Prompts (and per-prompt metadata) for `spec`; `category` filters PartiPrompts like `parti:<category>`;
+    `per_tag` keeps the first N GenEval prompts of each tag."""
+    if per_tag is not None and spec.partition(":")[0] != "geneval":
+        raise ValueError(f"--per-tag applies to --prompts geneval only, got {spec!r}")
     name, _, cat = spec.partition(":")
     if cat and name != "parti":
         raise ValueError(f"--prompts {spec!r}: only parti takes a category (parti:Animals)")
@@ -50,6 +54,14 @@ def resolve_prompt_set(spec: str, category: str | None = None, limit: int | None
                          [{"category": r["Category"], "challenge": r["Challenge"]} for r in rows])
     if name == "geneval":
         rows = geneval_rows()
+        if per_tag:
+            counts: dict[str, int] = {}
+            kept = []
+            for r in rows:
+                if counts.get(r["tag"], 0) < per_tag:
+                    kept.append(r)
+                    counts[r["tag"]] = counts.get(r["tag"], 0) + 1
+            rows = kept
         rows = rows[:limit] if limit else rows
         return PromptSet("geneval", [r["prompt"] for r in rows],
                          [{k: v for k, v in r.items() if k != "prompt"} for r in rows])

@@ -8,18 +8,21 @@ from pathlib import Path
 
 import numpy as np
 
-GENEVAL_NOTE = ("GenEval object/count/colour/position checks need an object detector (the reference uses "
-                "Mask2Former via mmdetection, which needs torchvision); raydiff ships none, so detection-based "
-                "GenEval accuracy is not computed. The GenEval prompts are scored with the requested rewards only.")
+GENEVAL_NOTE = ("Detector: OWLv2 (transformers) instead of GenEval's Mask2Former, with GenEval's rules and "
+                "thresholds; numbers are comparable within raydiff, not to published GenEval scores (docs/rewards.md).")
+GENEVAL_MISSING = ("GenEval accuracy needs the `geneval` reward: add it to --rewards (e.g. --rewards geneval) with a "
+                   "served app whose geneval deployment has detector_path and clip_path.")
 
 
-def geneval_section(metadata: list[dict]) -> dict:
-    """Honest placeholder: what GenEval would check, and that it was not checked."""
-    tags: dict[str, int] = {}
-    for m in metadata:
-        if "tag" in m:
-            tags[m["tag"]] = tags.get(m["tag"], 0) + 1
-    return {"detection": "unavailable", "accuracy": None, "reason": GENEVAL_NOTE, "prompts_by_tag": tags}
+def geneval_section(metadata: list[dict], scores: dict[str, dict[str, np.ndarray]], reward: str | None,
+                    version: str | None = None) -> dict:
+    """Per-policy GenEval tables from the `reward` component's (P, K) scores; a note when it was not requested."""
+    from raydiff.eval.geneval import geneval_table
+
+    if reward is None:
+        return {"reward": None, "note": GENEVAL_MISSING}
+    return {"reward": reward, "version": version, "note": GENEVAL_NOTE,
+            "policies": {label: geneval_table(s[reward], metadata) for label, s in scores.items()}}
 
 
 def _fmt(x: float) -> str:
@@ -48,7 +51,9 @@ def markdown(result: dict) -> str:
         for name, s in c["delta"].items():
             lines.append(f"| {name} | {_fmt(s['mean'])} | {_ci(s)} | {'yes' if s['significant'] else 'no'} |")
     if "geneval" in result:
-        lines += ["", "## GenEval", "", f"Detection: **{result['geneval']['detection']}**. {result['geneval']['reason']}"]
+        from raydiff.eval.geneval import geneval_markdown
+
+        lines += geneval_markdown(result["geneval"])
     labels = list(result["policies"])
     lines += ["", "## Per prompt (mean of total reward)", "", "| prompt | " + " | ".join(labels) + " |",
               "|---|" + "---|" * len(labels)]

@@ -19,6 +19,10 @@ _TINY_BUILDERS = {
     "sd": "raydiff.models.tiny:tiny_folder",
     "sdxl": "raydiff.models.tiny:tiny_folder",
     "clip": "raydiff.models.tiny_clip:tiny_folder",
+    "owl": "raydiff.rewards.tiny_builders:tiny_folder",
+    "trocr": "raydiff.rewards.tiny_builders:tiny_folder",
+    "imagereward": "raydiff.rewards.tiny_builders:tiny_folder",
+    "vlm": "raydiff.rewards.tiny_builders:tiny_folder",
 }
 
 

@@ -10,6 +10,8 @@ PACKAGED = {
     "activities": "activities.txt",
     "geneval": "geneval.txt",
     "parti": "parti.txt",
+    "ocr_train": "ocr_train.txt",
+    "ocr_test": "ocr_test.txt",
 }
 
 

@@ -4,7 +4,13 @@
 
 Differentiable rewards also implement `score_tensor(images: float tensor
 (N, 3, H, W) in [0, 1], prompts) -> tensor (N,)` that keeps the graph, so
-synchronous learners can backpropagate through them. Rewards register by name;
+synchronous learners can backpropagate through them.
+
+Group-wise rewards (`group_wise = True`) score each image relative to the other samples of
+its prompt (rank, win rate): `reward(images, prompts, groups)` with `groups` a partition of
+range(N) into lists of indices; when no groups are given, images with the same prompt form
+one group (how group-based algorithms such as Flow-GRPO sample k images per prompt).
+Pointwise rewards accept and ignore `groups`. Rewards register by name;
 configs and the reward service construct them with `make_reward(name, **args)`.
 """
 
@@ -50,7 +56,7 @@ def make_reward(name: str, **args) -> "Reward":
 
 def _load_builtin() -> None:
     # Importing the modules runs their @register_reward decorators.
-    from raydiff.rewards import clip_rewards, simple  # noqa: F401
+    from raydiff.rewards import clip_rewards, geneval, group, imagereward, ocr, simple, vlm_judge  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,7 @@ class RewardInfo:
     differentiable: bool
     input_size: int | None  # side the model resizes to; None = any size
     range: tuple[float, float] | None  # typical score range, None = unbounded
+    group_wise: bool = False  # scores depend on the other images of the group
 
 
 class Reward:
@@ -72,17 +79,28 @@ class Reward:
     differentiable: ClassVar[bool] = False
     input_size: ClassVar[int | None] = None
     range: ClassVar[tuple[float, float] | None] = None
+    group_wise: ClassVar[bool] = False
 
     def info(self) -> RewardInfo:
-        return RewardInfo(self.name, self.version, self.differentiable, self.input_size, self.range)
+        return RewardInfo(self.name, self.version, self.differentiable, self.input_size, self.range, self.group_wise)
 
-    def __call__(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
+    def __call__(self, images: np.ndarray, prompts: list[str], groups: list[list[int]] | None = None) -> np.ndarray:
         images = check_images(images)
         if len(prompts) != len(images):
             raise ValueError(f"got {len(images)} images but {len(prompts)} prompts; pass one prompt per image")
+        if groups is not None:
+            groups = check_groups(groups, len(images))
         if len(images) == 0:
             return np.zeros((0,), np.float32)
-        return np.asarray(self.score_uint8(images, list(prompts)), dtype=np.float32).reshape(len(images))
+        if self.group_wise:
+            groups = groups if groups is not None else groups_by_prompt(prompts)
+            out = self.score_groups(images, list(prompts), groups)
+        else:
+            out = self.score_uint8(images, list(prompts))
+        return np.asarray(out, dtype=np.float32).reshape(len(images))
+
+    def score_groups(self, images: np.ndarray, prompts: list[str], groups: list[list[int]]) -> np.ndarray:
+        raise NotImplementedError(f"reward {self.name!r} is not group-wise")
 
     def score_uint8(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
         """Default: run the differentiable path without gradients."""
@@ -104,6 +122,51 @@ def check_images(images) -> np.ndarray:
     return images
 
 
+def check_groups(groups, n: int) -> list[list[int]]:
+    """Validate that `groups` partitions range(n): every index in exactly one non-empty group."""
+    seen: set[int] = set()
+    out = []
+    for g, members in enumerate(groups):
+        members = [int(i) for i in members]
+        if not members:
+            raise ValueError(f"groups.{g} is empty; every group needs at least one image index")
+        for i in members:
+            if not 0 <= i < n:
+                raise ValueError(f"groups.{g}: index {i} is out of range for {n} images")
+            if i in seen:
+                raise ValueError(f"groups.{g}: image {i} is in more than one group")
+            seen.add(i)
+        out.append(members)
+    if len(seen) != n:
+        missing = sorted(set(range(n)) - seen)[:10]
+        raise ValueError(f"groups cover {len(seen)} of {n} images (missing {missing}); put every image in one group")
+    return out
+
+
+def groups_by_prompt(prompts: list[str]) -> list[list[int]]:
+    """Images that share a prompt form one group, in order of first appearance."""
+    by: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by.setdefault(p, []).append(i)
+    return list(by.values())
+
+
+def win_rates(scores, groups: list[list[int]]) -> np.ndarray:
+    """Per image, the fraction of the other group members it beats (ties count 1/2); 0.5 alone.
+
+    Equal to the normalised average rank (rank − 1) / (k − 1) with ties averaged.
+    """
+    s = np.asarray(scores, np.float64)
+    out = np.full(len(s), 0.5)
+    for g in groups:
+        if len(g) < 2:
+            continue
+        v = s[g]
+        wins = (v[:, None] > v[None, :]).sum(1) + 0.5 * ((v[:, None] == v[None, :]).sum(1) - 1)
+        out[g] = wins / (len(g) - 1)
+    return out
+
+
 class WeightedRewards:
     """A weighted sum of rewards; returns the total and each component (for logging)."""
 
@@ -112,7 +175,8 @@ class WeightedRewards:
             raise ValueError("reward.components is empty; add at least one reward, e.g. {name: brightness}")
         self.components = components
 
-    def __call__(self, images: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        parts = {r.name: r(images, prompts) for r, _ in self.components}
+    def __call__(self, images: np.ndarray, prompts: list[str], groups: list[list[int]] | None = None
+                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        parts = {r.name: r(images, prompts, groups) for r, _ in self.components}
         total = sum(w * parts[r.name] for r, w in self.components)
         return np.asarray(total, np.float32), parts

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 import httpx
 import numpy as np
 
-from raydiff.rewards.base import check_images
+from raydiff.rewards.base import check_groups, check_images
 
 RETRY_STATUS = (502, 503, 504)
 
@@ -113,21 +113,28 @@ class RewardClient:
     def catalogue(self) -> list[dict]:
         return self._request("GET", "/v1/rewards")["rewards"]
 
-    def score_response(self, name: str, images, prompts: list[str], format: str = "raw") -> dict:
-        """The full JSON answer of POST /v1/rewards/{name}:score."""
+    def score_response(self, name: str, images, prompts: list[str], format: str = "raw",
+                       groups: list[list[int]] | None = None) -> dict:
+        """The full JSON answer of POST /v1/rewards/{name}:score (`groups` for group-wise rewards)."""
         body = {"prompts": list(prompts), "images": encode_images(images, format)}
+        if groups is not None:
+            body["groups"] = [[int(i) for i in g] for g in groups]
         return self._request("POST", f"/v1/rewards/{name}:score", body)
 
-    def score(self, name: str, images, prompts: list[str], format: str = "raw", allow_item_errors: bool = False) -> np.ndarray:
+    def score(self, name: str, images, prompts: list[str], format: str = "raw", allow_item_errors: bool = False,
+              groups: list[list[int]] | None = None) -> np.ndarray:
         """float32 (N,); an item error raises unless allow_item_errors (then that score is NaN)."""
-        res = self.score_response(name, images, prompts, format)
+        res = self.score_response(name, images, prompts, format, groups)
         _raise_item_errors(name, res["errors"], allow_item_errors)
         return _to_array(res["scores"])
 
     def score_mix(self, weights: dict[str, float], images, prompts: list[str], format: str = "raw",
-                  allow_item_errors: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                  allow_item_errors: bool = False, groups: list[list[int]] | None = None
+                  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(total float32 (N,), {name: (N,)}) from POST /v1/score, like WeightedRewards."""
         body = {"rewards": dict(weights), "prompts": list(prompts), "images": encode_images(images, format)}
+        if groups is not None:
+            body["groups"] = [[int(i) for i in g] for g in groups]
         res = self._request("POST", "/v1/score", body)
         _raise_item_errors("mix", res["errors"], allow_item_errors)
         return _to_array(res["total"]), {n: _to_array(c["scores"]) for n, c in res["components"].items()}
@@ -175,18 +182,21 @@ class HandleRewards:
                 logging.getLogger("raydiff.rewards").warning(
                     "could not delete Serve app %r (%s: %s); delete it with `serve delete %s`", app, type(e).__name__, e, app)
 
-    def _send(self, name, images, prompts):
-        return self.handles[name].score.remote(images, prompts)
+    def _send(self, name, images, prompts, groups=None):
+        return self.handles[name].score.remote(images, prompts, groups)
 
     def _check(self, name: str, res: dict) -> np.ndarray:
         _raise_item_errors(name, res["errors"], False)
         return np.asarray(res["scores"], np.float32)
 
-    def __call__(self, images: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def __call__(self, images: np.ndarray, prompts: list[str], groups: list[list[int]] | None = None
+                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         images, prompts = check_images(images), list(prompts)
         if len(prompts) != len(images):
             raise ValueError(f"got {len(images)} images but {len(prompts)} prompts; pass one prompt per image")
-        pending = {n: self._send(n, images, prompts) for n, _ in self.components}  # all rewards in parallel
+        if groups is not None:
+            groups = check_groups(groups, len(images))
+        pending = {n: self._send(n, images, prompts, groups) for n, _ in self.components}  # all rewards in parallel
         parts = {}
         for n, resp in pending.items():
             for attempt in range(self.max_retries + 1):
@@ -199,16 +209,17 @@ class HandleRewards:
                     if attempt == self.max_retries:
                         raise
                     time.sleep(0.2 * 2**attempt)
-                    resp = self._send(n, images, prompts)
+                    resp = self._send(n, images, prompts, groups)
         return _total(self.components, parts), parts
 
-    async def score_async(self, images: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    async def score_async(self, images: np.ndarray, prompts: list[str], groups: list[list[int]] | None = None
+                          ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The same, for callers inside an event loop (async actors), where `.result()` is not allowed."""
         import asyncio
 
         images, prompts = check_images(images), list(prompts)
         names = [n for n, _ in self.components]
-        results = await asyncio.gather(*(self._send(n, images, prompts) for n in names))
+        results = await asyncio.gather(*(self._send(n, images, prompts, groups) for n in names))
         parts = {n: self._check(n, r) for n, r in zip(names, results)}
         return _total(self.components, parts), parts
 

@@ -105,15 +105,18 @@ class RewardIngress:
         mp = self.cfg.max_image_pixels
         return await asyncio.to_thread(lambda: [decode_item(it, mp) for it in req.images])
 
-    async def _call(self, name: str, images: list, prompts: list[str]) -> dict:
-        """Score the decodable items on reward `name`; decode errors stay per-item."""
+    async def _call(self, name: str, images: list, prompts: list[str], groups: list[list[int]] | None = None) -> dict:
+        """Score the decodable items on reward `name`; decode errors stay per-item (and leave their group)."""
         ok = [i for i, im in enumerate(images) if not isinstance(im, str)]
         errors = [im if isinstance(im, str) else None for im in images]
         scores = [None] * len(images)
         res = {"batch_size": 0, "batched_requests": 0}
         if ok:
+            if groups is not None:  # re-index onto the decodable items
+                pos = {i: j for j, i in enumerate(ok)}
+                groups = [g for g in ([pos[i] for i in grp if i in pos] for grp in groups) if g]
             try:
-                res = await self.handles[name].score.remote([images[i] for i in ok], [prompts[i] for i in ok])
+                res = await self.handles[name].score.remote([images[i] for i in ok], [prompts[i] for i in ok], groups)
             except serve.exceptions.BackPressureError:
                 raise _Unavailable(f"reward {name!r} is overloaded (max_queued_requests reached); retry later")
             except Exception as e:  # noqa: BLE001 - replica died / restarting / unavailable
@@ -198,7 +201,7 @@ class RewardIngress:
         async def run():
             if name not in self.handles:
                 return self._unknown([name])
-            return await self._call(name, await self._decode(body), body.prompts)
+            return await self._call(name, await self._decode(body), body.prompts, body.groups)
 
         return await self._guard(request, run)
 
@@ -211,7 +214,7 @@ class RewardIngress:
             if unknown:
                 return self._unknown(unknown)
             images = await self._decode(body)
-            parts = await asyncio.gather(*(self._call(n, images, body.prompts) for n in weights))
+            parts = await asyncio.gather(*(self._call(n, images, body.prompts, body.groups) for n in weights))
             comps = dict(zip(weights, parts))
             total, errors = [], []
             for i in range(len(images)):

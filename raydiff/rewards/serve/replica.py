@@ -2,6 +2,8 @@
 
 Invariant: no exception from a reward escapes `RewardWorker` (the replica stays up); a bad
 item gets a per-item error and a failing chunk is retried one image at a time to isolate it.
+Group-wise rewards score each request's groups whole (never split across model chunks or merged
+with another request's images); a failing request is retried group by group.
 """
 
 import asyncio
@@ -40,20 +42,21 @@ class RewardWorker:
         i = self.reward.info()
         return {"name": self.cfg.name, "reward": i.name, "version": i.version, "differentiable": i.differentiable,
                 "input_size": i.input_size, "range": list(i.range) if i.range else None, "weight": self.cfg.weight,
-                "config_hash": self.config_hash}
+                "group_wise": i.group_wise, "config_hash": self.config_hash}
 
-    async def score(self, images, prompts: list[str]) -> dict:
-        return await self.score_batch((images, list(prompts)))
+    async def score(self, images, prompts: list[str], groups: list[list[int]] | None = None) -> dict:
+        """`groups` (a partition of the image indices) matters only to group-wise rewards; default: by prompt."""
+        return await self.score_batch((images, list(prompts), groups))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)  # real values set in __init__ from the config
-    async def score_batch(self, requests: list[tuple[Any, list[str]]]) -> list[dict]:
+    async def score_batch(self, requests: list[tuple[Any, list[str], Any]]) -> list[dict]:
         return await asyncio.to_thread(self._score_requests, requests)
 
-    def _score_requests(self, requests: list[tuple[Any, list[str]]]) -> list[dict]:
+    def _score_requests(self, requests: list[tuple[Any, list[str], Any]]) -> list[dict]:
         # Flatten every request's items, validate each, group equal shapes, score groups in chunks.
         items: list[tuple[int, int, np.ndarray | None, str]] = []  # (request, index, image, prompt)
         results = []
-        for r, (images, prompts) in enumerate(requests):
+        for r, (images, prompts, _) in enumerate(requests):
             n = len(images)
             results.append({"scores": np.full(n, np.nan, np.float32), "errors": [None] * n})
             if len(prompts) != n:
@@ -65,16 +68,51 @@ class RewardWorker:
                     results[r]["errors"][i] = err
                 else:
                     items.append((r, i, img, str(prompts[i])))
-        groups: dict[tuple, list] = {}
-        for it in items:
-            groups.setdefault(it[2].shape, []).append(it)
-        chunk = self.cfg.max_images_per_forward
-        for group in groups.values():
-            for k in range(0, len(group), chunk):
-                self._score_chunk(group[k : k + chunk], results)
+        if self.reward.group_wise:
+            for r, (_, prompts, groups) in enumerate(requests):
+                self._score_groups([it for it in items if it[0] == r], groups, results)
+        else:
+            by_shape: dict[tuple, list] = {}
+            for it in items:
+                by_shape.setdefault(it[2].shape, []).append(it)
+            chunk = self.cfg.max_images_per_forward
+            for same in by_shape.values():
+                for k in range(0, len(same), chunk):
+                    self._score_chunk(same[k : k + chunk], results)
         for res in results:
             res.update(batch_size=len(items), batched_requests=len(requests), version=self.reward.version)
         return results
+
+    def _score_groups(self, items: list, groups: list[list[int]] | None, results: list[dict]) -> None:
+        """One request of a group-wise reward: its valid items with `groups` re-indexed onto them."""
+        from raydiff.rewards.base import groups_by_prompt
+
+        if not items:
+            return
+        pos = {it[1]: j for j, it in enumerate(items)}
+        groups = groups_by_prompt([it[3] for it in items]) if groups is None else \
+            [g for g in ([pos[i] for i in grp if i in pos] for grp in groups) if g]
+        scores, failed = np.full(len(items), np.nan, np.float32), {}
+        # All groups in one call; if that fails, one call per group isolates the failing group(s).
+        # (A group's images must share one shape: np.stack fails otherwise, as an error of that group.)
+        for n, part in enumerate([groups] if len(groups) == 1 else [groups, *([g] for g in groups)]):
+            members = [j for g in part for j in g]
+            local = {j: k for k, j in enumerate(members)}
+            try:
+                scores[members] = self.reward(np.stack([items[j][2] for j in members]),
+                                              [items[j][3] for j in members], [[local[j] for j in g] for g in part])
+                if n == 0:
+                    break
+            except Exception as e:  # noqa: BLE001
+                if len(part) == 1:
+                    failed.update({j: f"reward failed: {type(e).__name__}: {e}"[:500] for j in members})
+        for j, (r, i, _, _) in enumerate(items):
+            if j in failed:
+                results[r]["errors"][i] = failed[j]
+            elif not math.isfinite(float(scores[j])):
+                results[r]["errors"][i] = "reward returned a non-finite score"
+            else:
+                results[r]["scores"][i] = scores[j]
 
     def _score_chunk(self, chunk: list, results: list[dict]) -> None:
         try:

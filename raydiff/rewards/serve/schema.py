@@ -26,12 +26,32 @@ class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompts: list[str] = Field(..., description="One prompt per image.")
     images: list[ImageItem] = Field(..., description="Images to score, same order as prompts.")
+    groups: list[list[int]] | None = Field(
+        None, description="Group-wise rewards: a partition of the image indices, e.g. [[0,1,2,3],[4,5,6,7]] (the k "
+                          "samples of each prompt). Default: images with the same prompt form a group. Pointwise "
+                          "rewards ignore it.")
+    group_ids: list[int | str] | None = Field(
+        None, description="Alternative to groups: one group id per image; images with equal ids form a group.")
 
     @model_validator(mode="after")
     def _same_length(self):
+        from raydiff.rewards.base import check_groups
+
         if len(self.prompts) != len(self.images):
             raise ValueError(f"prompts has {len(self.prompts)} entries but images has {len(self.images)}; "
                              "send one prompt per image")
+        if self.groups is not None and self.group_ids is not None:
+            raise ValueError("send either groups or group_ids, not both")
+        if self.group_ids is not None:
+            if len(self.group_ids) != len(self.images):
+                raise ValueError(f"group_ids has {len(self.group_ids)} entries but images has {len(self.images)}; "
+                                 "send one group id per image")
+            by: dict = {}
+            for i, g in enumerate(self.group_ids):
+                by.setdefault(g, []).append(i)
+            self.groups, self.group_ids = list(by.values()), None
+        if self.groups is not None:
+            check_groups(self.groups, len(self.images))  # ValueError -> 422 naming the group
         return self
 
 
