@@ -57,10 +57,13 @@ class Trainer:
 
     # --- setup -------------------------------------------------------------
     def _start_roles(self) -> None:
+        from raydiff.engine.cluster.plan import check_memory
         from raydiff.engine.placement import check_feasible, role_bundles
 
         cfg = self.cfg
-        # Fail at once, naming the role and the fix, if no node type could ever hold an ask.
+        # Fail at once, naming the knob, if a GPU role is predicted to run out of memory,
+        check_memory(cfg, self.algorithm.needs)
+        # and, naming the role and the fix, if no node type could ever hold an ask.
         check_feasible("learner", role_bundles(cfg.learner))
         if self.is_async:
             check_feasible("rollout", role_bundles(cfg.rollout))
