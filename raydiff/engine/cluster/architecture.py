@@ -90,7 +90,8 @@ def _build(folder: str, dtype: torch.dtype) -> MetaModel:
     for m in (unet, vae, *encoders):
         m.requires_grad_(False)
         m.eval()
-    return MetaModel(kind, unet, vae, encoders, str(root))
+    shipped = root.parent == SHIPPED
+    return MetaModel(kind, unet, vae, encoders, f"shipped {root.name} configs" if shipped else str(root))
 
 
 def meta_modules(model_cfg, dtype: torch.dtype = torch.bfloat16) -> MetaModel:

@@ -41,8 +41,10 @@ class PeakTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         inputs = {id(a) for a in args if isinstance(a, torch.Tensor)}
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and id(t) not in inputs and not t._is_view():
+        returns = func._schema.returns
+        for i, t in enumerate(out if isinstance(out, (tuple, list)) else (out,)):
+            aliases = i < len(returns) and returns[i].alias_info is not None  # views and in-place results
+            if isinstance(t, torch.Tensor) and not aliases and id(t) not in inputs:
                 nbytes = t.numel() * t.element_size()
                 self.live += nbytes
                 weakref.finalize(t, self._free, nbytes)
