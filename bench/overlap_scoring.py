@@ -50,7 +50,7 @@ def main(argv=None) -> list[dict]:
     results = [run(args.config, args.epochs, overlap, args.overrides) for overlap in (False, True)]
     print(f"machine: {machine()}")
     for r in results:
-        print(f"rollout.overlap_scoring={str(r['overlap_scoring']).lower():5s}  time/reward_wait_s {r['reward_wait_s']:.3f}  "
+        print(f"rollout.overlap_scoring={str(r['overlap_scoring']).lower():5s}  time/reward_wait_s {r['reward_wait_s']:.4f}  "
               f"time/epoch_s {r['epoch_s']:.2f}  (time/reward_s {r['reward_s']:.3f}, time/sample_s {r['sample_s']:.2f}; means over epochs 1..)")
     ray.shutdown()
     return results
