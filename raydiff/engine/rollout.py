@@ -20,6 +20,7 @@ import time
 import numpy as np
 import torch
 
+from raydiff.engine.cluster.plan import runtime_decode_chunk
 from raydiff.engine.scoring import ScoringJob, scoring_pool
 from raydiff.models.loader import load_model
 from raydiff.models.lora import load_trainable_state_dict, state_checksum, trainable_state_dict
@@ -63,8 +64,6 @@ class RolloutWorker:
         self.rewards = build_reward_fn(cfg.reward)
         self.version = 0
         self.checksum = state_checksum(trainable_state_dict(self.model.unet))
-        from raydiff.engine.cluster.plan import runtime_decode_chunk
-
         self.decode_chunk = runtime_decode_chunk(self.model, cfg.rollout.decode_chunk)
         self._pool = scoring_pool(cfg.rollout.max_scoring_in_flight)
         self._pending: dict[int, tuple] = {}

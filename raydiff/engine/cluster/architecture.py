@@ -14,7 +14,7 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -74,7 +74,7 @@ def _config(folder: Path, component: str) -> dict:
 
 
 @functools.lru_cache(maxsize=8)
-def _build(folder: str, dtype: torch.dtype) -> MetaModel:
+def build_meta(folder: str, dtype: torch.dtype) -> MetaModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -96,7 +96,7 @@ def _build(folder: str, dtype: torch.dtype) -> MetaModel:
 
 def meta_modules(model_cfg, dtype: torch.dtype = torch.bfloat16) -> MetaModel:
     """The model of a `ModelSection` on the meta device, components in `dtype`."""
-    return _build(str(architecture_folder(model_cfg.path)), dtype)
+    return build_meta(str(architecture_folder(model_cfg.path)), dtype)
 
 
 def param_bytes(module) -> int:

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from raydiff.engine.cluster.architecture import (
-    UnknownArchitecture, architecture_folder, lora_param_count, meta_modules, param_bytes, pick_dtype, _build,
+    UnknownArchitecture, architecture_folder, build_meta, lora_param_count, meta_modules, param_bytes, pick_dtype,
 )
 from raydiff.engine.cluster.memory_trace import traced_peak
 
@@ -117,7 +117,7 @@ def _unet_inputs(unet, rows: int, latent: int, dtype, grad: bool, seq: int):
 @functools.lru_cache(maxsize=64)
 def unet_peak(folder: str, dtype: torch.dtype, rows: int, latent: int, grad: bool, checkpointing: bool) -> int:
     """Peak activation bytes of one UNet call on `rows` latent rows (forward + backward when grad)."""
-    meta = _build(folder, dtype)
+    meta = build_meta(folder, dtype)
     unet = meta.unet
     seq = meta.text_encoders[0].config.max_position_embeddings
     x, t, kw = _unet_inputs(unet, rows, latent, dtype, grad, seq)
@@ -131,7 +131,7 @@ def unet_peak(folder: str, dtype: torch.dtype, rows: int, latent: int, grad: boo
 
 @functools.lru_cache(maxsize=64)
 def vae_decode_peak(folder: str, dtype: torch.dtype, n: int, latent: int, grad: bool) -> int:
-    vae = _build(folder, dtype).vae
+    vae = build_meta(folder, dtype).vae
     with torch.device("meta"):
         z = torch.empty(n, vae.config.latent_channels, latent, latent, dtype=dtype, requires_grad=grad)
     with torch.set_grad_enabled(grad):
@@ -140,7 +140,7 @@ def vae_decode_peak(folder: str, dtype: torch.dtype, n: int, latent: int, grad: 
 
 @functools.lru_cache(maxsize=64)
 def text_peak(folder: str, dtype: torch.dtype, rows: int) -> int:
-    encoders = _build(folder, dtype).text_encoders
+    encoders = build_meta(folder, dtype).text_encoders
     peaks = []
     for enc in encoders:
         with torch.device("meta"):
@@ -177,7 +177,7 @@ def decode_items(cfg, needs) -> int:
 def estimate_rollout(cfg, needs) -> RoleEstimate:
     dtype = pick_dtype(cfg.model.dtype)
     folder = str(architecture_folder(cfg.model.path))
-    meta = _build(folder, dtype)
+    meta = build_meta(folder, dtype)
     res = _resolution(cfg, meta)
     latent = res // meta.vae_scale
     B, T, rows = cfg.sampling.batch_size, cfg.sampling.num_steps, _cfg_rows(cfg)
@@ -248,7 +248,7 @@ def runtime_decode_chunk(model, configured: Optional[int]) -> int:
 def estimate_learner(cfg, needs) -> RoleEstimate:
     dtype = pick_dtype(cfg.model.dtype)
     folder = str(architecture_folder(cfg.model.path))
-    meta = _build(folder, dtype)
+    meta = build_meta(folder, dtype)
     latent = _resolution(cfg, meta) // meta.vae_scale
     rows = _cfg_rows(cfg)
     est = RoleEstimate("learner", "learner.gpu_memory_gb", int(cfg.learner.gpu_memory_gb * GiB))
