@@ -17,7 +17,7 @@ import torch
 from raydiff.config import load_config
 from raydiff.engine.cluster.architecture import KNOWN_HUB_IDS, meta_modules
 from raydiff.engine.cluster.memory_trace import traced_peak
-from raydiff.engine.cluster.plan import GiB, MemoryPlanError, check_memory, plan
+from raydiff.engine.cluster.plan import GiB, MemoryPlanError, auto_decode_chunk, check_memory, plan, vae_decode_cost
 
 ROOT = Path(__file__).resolve().parents[1]
 DAG_SDXL = str(ROOT / "configs" / "dag_sdxl.yaml")
@@ -60,6 +60,10 @@ def test_dag_sdxl_plan_fits_80gb_and_decodes_in_chunks():
     # Decoding all 204 latents at once would need hundreds of GiB (1024px SDXL VAE ~1.5 GiB per image in bf16).
     assert decode.fixed + decode.per_unit * items > 200 * GiB
     assert 0.5 * GiB < decode.per_unit < 4 * GiB
+    # What a GPU rollout worker traces from its loaded VAE to pick the chunk at run time: the same cost.
+    vae = meta_modules(cfg.model).vae
+    assert vae_decode_cost(vae.config, torch.bfloat16, 128) == (decode.fixed, decode.per_unit)
+    assert auto_decode_chunk(40 * GiB, decode.fixed, decode.per_unit) == int((20 * GiB - decode.fixed) // decode.per_unit)
 
 
 def test_estimator_refuses_dag_sdxl_impossible_batch_on_24gb_naming_the_knob():

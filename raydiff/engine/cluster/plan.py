@@ -217,6 +217,22 @@ def auto_decode_chunk(room_bytes: float, fixed: int, per_image: int) -> int:
     return max(1, int((DECODE_ROOM_FRACTION * room_bytes - fixed) // per_image))
 
 
+def vae_decode_cost(vae_config, dtype: torch.dtype, latent: int) -> tuple[int, int]:
+    """(fixed, per image) peak bytes of decoding `latent`-sized latents with a VAE of this config (traced on meta)."""
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(vae_config).to(dtype).eval()
+
+    def measure(n):
+        with torch.device("meta"):
+            z = torch.empty(n, vae.config.latent_channels, latent, latent, dtype=dtype)
+        with torch.no_grad():
+            return traced_peak(lambda: vae.decode(z, return_dict=False)[0])
+
+    return _linear(measure)
+
+
 def runtime_decode_chunk(model, configured: Optional[int]) -> int:
     """The rollout's decode chunk: the configured one, else derived from the free memory of the model's GPU, else 8 (CPU).
 
@@ -227,21 +243,9 @@ def runtime_decode_chunk(model, configured: Optional[int]) -> int:
         return configured
     if model.device.type != "cuda":
         return CPU_DECODE_CHUNK
-    from diffusers import AutoencoderKL
-
     free, _ = torch.cuda.mem_get_info(model.device)
     free += torch.cuda.memory_reserved(model.device) - torch.cuda.memory_allocated(model.device)
-    with torch.device("meta"):
-        vae = AutoencoderKL.from_config(model.vae.config).to(model.vae.dtype).eval()
-    latent = model.latent_size
-
-    def measure(n):
-        with torch.device("meta"):
-            z = torch.empty(n, vae.config.latent_channels, latent, latent, dtype=model.vae.dtype)
-        with torch.no_grad():
-            return traced_peak(lambda: vae.decode(z, return_dict=False)[0])
-
-    fixed, per = _linear(measure)
+    fixed, per = vae_decode_cost(model.vae.config, model.vae.dtype, model.latent_size)
     return auto_decode_chunk(free - OVERHEAD_BYTES, fixed, per)
 
 
