@@ -2,8 +2,8 @@
 
     python bench/dag_reward_calls.py [--steps 6] [--batch 4] [--reward brightness]
 
-DAG (raydiff/algorithms/dag.py) needs r(decode(x̂_0(x_t))) at every step t. RolloutWorker.
-intermediate_rewards decodes the N×T predictions and scores them in ONE served reward call;
+DAG (raydiff/algorithms/dag.py) needs r(decode(x̂_0(x_t))) at every step t. RolloutWorker
+decodes the N×T predictions in rollout.decode_chunk pieces and scores them as they come (here: ONE call);
 the naive way calls the reward once per step. This samples one trajectory batch with
 keep_x0 on the tiny model, decodes x̂_0 once, then times both ways of scoring through the same
 Serve handles (HandleRewards). Prints seconds and call counts, and the ratio per-step / batched.
@@ -48,7 +48,7 @@ def main(argv=None) -> dict:
     rewards = ensure_reward_service([(args.reward, 1.0)], app_name="bench-dag-rewards")
     flat_prompts = [p for p in prompts for _ in range(T)]
 
-    def batched():  # what RolloutWorker.intermediate_rewards does: one call for N×T images
+    def batched():  # one call for N×T images (RolloutWorker with decode_chunk >= N×T)
         total, _ = rewards(images.reshape(N * T, *images.shape[2:]), flat_prompts)
         return np.asarray(total).reshape(N, T), 1
 

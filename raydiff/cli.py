@@ -1,4 +1,4 @@
-"""`raydiff` console script: train, make-tiny, serve-rewards."""
+"""`raydiff` console script: train, make-tiny, serve-rewards, plan, eval."""
 
 from __future__ import annotations
 
@@ -28,10 +28,25 @@ def _serve_rewards(argv: list[str]) -> int:
     return serve_main(argv) or 0
 
 
+def _plan(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="raydiff plan", description="Predicted peak GPU memory per role, from the model's architecture (no weights, no GPU).")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, as for train")
+    args = p.parse_args(argv)
+    from raydiff.config import load_config
+    from raydiff.engine.cluster.plan import format_plan, plan
+
+    cfg = load_config(args.config, args.overrides)
+    estimates = plan(cfg)
+    print(format_plan(cfg, estimates))
+    return 0 if all(e.fits for e in estimates) else 1
+
+
 COMMANDS = {
     "train": lambda argv: __import__("raydiff.train", fromlist=["main"]).main(argv),
     "make-tiny": _make_tiny,
     "serve-rewards": _serve_rewards,
+    "plan": _plan,
     "eval": lambda argv: __import__("raydiff.eval.cli", fromlist=["main"]).main(argv),
 }
 

@@ -78,6 +78,10 @@ class RolloutSection(Section):
     placement_strategy: Literal["SPREAD", "PACK", "STRICT_PACK", "STRICT_SPREAD"] = Field("SPREAD", description="Placement group strategy for the rollout workers (SPREAD: across nodes when possible).")
     placement_timeout_s: float = Field(900.0, gt=0, description="How long to wait for the cluster (or autoscaler) to place the rollout workers before failing.")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per rollout worker on CPU.")
+    decode_chunk: Optional[int] = Field(None, ge=1, description="Latents per VAE decode call (final images and DAG's x̂_0 rewards); None = from free GPU memory on GPU, 8 on CPU.")
+    gpu_memory_gb: float = Field(80.0, gt=0, description="Memory of one GPU on rollout nodes; the memory plan (raydiff plan) refuses configs predicted to exceed it.")
+    overlap_scoring: bool = Field(True, description="Score batch i while sampling batch i+1 on the same worker (false: wait for scores after every batch).")
+    max_scoring_in_flight: int = Field(2, ge=1, description="With overlap_scoring: batches per rollout worker sampled and awaiting scores at once.")
 
 
 class LearnerSection(Section):
@@ -96,6 +100,7 @@ class LearnerSection(Section):
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per learner worker on CPU.")
+    gpu_memory_gb: float = Field(80.0, gt=0, description="Memory of one GPU on learner nodes; the memory plan (raydiff plan) refuses configs predicted to exceed it.")
 
 
 class TrainSection(Section):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -81,6 +82,63 @@ def test_launcher_configs_describe_same_roles():
     assert strip(aws) == strip(gcp)
 
 
+def _all_commands(config: dict) -> list[str]:
+    cmds = []
+    for key in ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+                "head_start_ray_commands", "worker_start_ray_commands"):
+        cmds += config.get(key) or []
+    for node_type in config["available_node_types"].values():
+        cmds += node_type.get("initialization_commands", []) + node_type.get("worker_setup_commands", [])
+    return cmds
+
+
+def test_launcher_installs_one_pinned_raydiff_and_torch_only_from_the_image(launcher_config):
+    name, config = launcher_config
+    setup = " ".join(config["setup_commands"])
+    assert setup.count("RAYDIFF_REF=") == 1, "one variable gives the raydiff version"
+    assert 'pip install --quiet --constraint /tmp/torch-pin.txt "$RAYDIFF_REF"' in setup
+    assert "import torch" in setup  # pin file from the image's torch; fails the node if the image has none
+    for cmd in _all_commands(config):
+        assert not re.search(r"pip3? install[^;&|]*\s['\"]?torch([=<>~!\s'\"]|$)", cmd), f"{name}: torch downloaded at boot: {cmd}"
+    docker = config["docker"]
+    assert docker["image"] == docker["head_image"] and not docker["image"].startswith("rayproject/"), \
+        "the stock Ray image has no torch: use the image built from cluster/Dockerfile"
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert 'pip install --no-cache-dir "torch==${TORCH_VERSION}"' in dockerfile and "ARG RAYDIFF_REF" in dockerfile
+
+
+def test_launcher_mounts_shared_storage_and_sets_nccl_for_learners(launcher_config):
+    name, config = launcher_config
+    mount = " ".join(config["initialization_commands"])  # on the host, before Docker
+    expected = {"aws": r"mount -t nfs4 .*\$EFS_DNS:/ /mnt/shared", "gcp": r"mount -t nfs .*\$FILESTORE /mnt/shared"}
+    assert re.search(expected[name.split(".")[0]], mount), mount
+    assert "-v /mnt/shared:/mnt/shared" in config["docker"]["run_options"]
+    learner = next(t for t in config["available_node_types"].values() if t["resources"].get("learner"))
+    options = " ".join(learner["docker"]["worker_run_options"])
+    assert "NCCL_SOCKET_IFNAME=^lo,docker0" in options and "memlock=-1:-1" in options
+    if name == "aws.yaml":
+        assert "FI_PROVIDER=efa" in options and "FI_EFA_USE_DEVICE_RDMA=1" in options and "--privileged" in options
+    docs = (ROOT / "docs" / "cluster.md").read_text()
+    for word in ("p4d.24xlarge", "p5.48xlarge", "a3-highgpu-8g", "GPUDirect-TCPX", "FI_EFA_USE_DEVICE_RDMA",
+                 "output.run_dir=/mnt/shared/runs/dag_sdxl"):
+        assert word in docs, f"docs/cluster.md does not document {word}"
+
+
+def test_gpu_configs_send_reward_replicas_to_reward_nodes():
+    """Reward deployments ask for the `reward` resource the reward node types declare (schema field from the serve work)."""
+    from raydiff.config import RewardComponent, load_config
+
+    if "resources" not in RewardComponent.model_fields:
+        pytest.skip("reward components have no `resources` field yet (added with the reward-deployment schema)")
+    offered = {r for t in yaml.safe_load((CLUSTER / "aws.yaml").read_text())["available_node_types"].values() for r in t["resources"]}
+    for name in ("dag_sdxl", "ddpo_sd15"):
+        cfg = load_config(str(ROOT / "configs" / f"{name}.yaml"))
+        assert cfg.reward.backend == "serve"
+        for component in cfg.reward.components:
+            assert component.resources.get("reward") == 1, f"{name}: reward {component.name} does not ask for a reward node"
+            assert set(component.resources) <= offered
+
+
 # --------------------------------------------------------------------------- KubeRay
 
 
@@ -134,7 +192,7 @@ def test_kuberay_roles_and_entrypoints():
     assert {g["groupName"] for g in rc["spec"]["workerGroupSpecs"]} == set(ROLES)
     assert all(g["minReplicas"] == 0 for g in rc["spec"]["workerGroupSpecs"])
     job = yaml.safe_load((CLUSTER / "kuberay" / "rayjob.yaml").read_text())
-    assert job["spec"]["entrypoint"] == "python -m raydiff.train configs/dag_sdxl.yaml"
+    assert job["spec"]["entrypoint"] == "python -m raydiff.train configs/dag_sdxl.yaml output.run_dir=/mnt/shared/runs/dag_sdxl"
     assert job["spec"]["shutdownAfterJobFinishes"] is True
     yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     svc = yaml.safe_load((CLUSTER / "kuberay" / "rayservice.yaml").read_text())
@@ -143,6 +201,26 @@ def test_kuberay_roles_and_entrypoints():
     assert app["import_path"] == "raydiff.rewards.serve:app_builder"
     assert app["args"] == {"config": "configs/rewards.yaml"}
     assert [g["groupName"] for g in svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]] == ["reward"]
+
+
+def _pod_templates(doc: dict):
+    spec = _cluster_spec(doc)
+    yield "head", spec["headGroupSpec"]["template"]["spec"]
+    for group in spec["workerGroupSpecs"]:
+        yield group["groupName"], group["template"]["spec"]
+
+
+@pytest.mark.parametrize("fname", ["raycluster.yaml", "rayjob.yaml", "rayservice.yaml"])
+def test_kuberay_pods_have_shm_in_memory_and_the_shared_volume(fname):
+    doc = yaml.safe_load((CLUSTER / "kuberay" / fname).read_text())
+    for group, pod in _pod_templates(doc):
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory", f"{fname}:{group}"
+        assert volumes[mounts["/mnt/shared"]]["persistentVolumeClaim"]["claimName"] == "raydiff-shared", f"{fname}:{group}"
+    pvc = yaml.safe_load((CLUSTER / "kuberay" / "storage.yaml").read_text())
+    assert pvc["kind"] == "PersistentVolumeClaim" and pvc["metadata"]["name"] == "raydiff-shared"
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
 def test_crd_validation_catches_mistakes():

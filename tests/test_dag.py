@@ -158,8 +158,11 @@ def _check_learning(cfg, metrics, margin):
     assert np.mean(db[-3:]) < 0.5 * np.mean(db[:3]), f"DB loss did not fall: {np.round(db, 4)}"
     T = cfg.sampling.num_steps
     per_batch = cfg.train.batches_per_epoch * cfg.rollout.num_workers
-    # Batched intermediate rewards: 2 reward round trips per rollout batch instead of T + 1.
-    assert all(m["reward/round_trips"] == 2 * per_batch for m in metrics)
+    # Batched intermediate rewards: 1 + ceil(N·T / decode_chunk) round trips per rollout batch (8 latents per
+    # VAE call on CPU) instead of T + 1.
+    chunk = cfg.rollout.decode_chunk or 8
+    calls = 1 + -(-cfg.sampling.batch_size * T // chunk)
+    assert all(m["reward/round_trips"] == calls * per_batch for m in metrics)
     assert all(m["train/reward_round_trips_per_timestep_equiv"] == (T + 1) * per_batch for m in metrics)
 
 

@@ -199,11 +199,11 @@ class DAG(Algorithm):
                 n_terms += 1
         metrics = {k: v / n_terms for k, v in sums.items()}
         metrics["beta"] = float(batch.extras["beta"][0])
-        # Reward round trips behind this batch: 2 per rollout batch (final + ONE batched call for all
-        # T intermediate x̂_0), versus T + 1 per rollout batch scoring one timestep per call.
+        # Reward round trips behind this batch: per rollout batch 1 (final) + ceil(N·T / rollout.decode_chunk)
+        # (all T intermediate x̂_0, decoded and scored chunk by chunk), versus T + 1 scoring one timestep per call.
         calls = float(batch.timings.get("reward_calls", 0))
         metrics["reward_round_trips"] = calls
-        metrics["reward_round_trips_per_timestep_equiv"] = calls / 2 * (T + 1)
+        metrics["reward_round_trips_per_timestep_equiv"] = float(batch.timings.get("rollout_batches", calls / 2)) * (T + 1)
         return metrics
 
 

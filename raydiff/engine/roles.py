@@ -9,15 +9,31 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
 from raydiff.engine.learner import Learner
-from raydiff.engine.rollout import RolloutWorker
+from raydiff.engine.rollout import BatchLost, RolloutWorker
 from raydiff.types import Trajectory
 
 log = logging.getLogger("raydiff.roles")
+
+
+class RolloutFailed(RuntimeError):
+    """A rollout batch failed inside its worker (not a lost worker: that batch is re-issued)."""
+
+
+def _rollout_failure(err: RayTaskError, req, epoch: int) -> RolloutFailed:
+    """A clear error for the driver: which batch, what failed, and the knobs for out-of-memory."""
+    cause = getattr(err, "cause", None) or err
+    text = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+    hint = ""
+    if "out of memory" in str(cause).lower() or type(cause).__name__ == "OutOfMemoryError":
+        hint = (" The GPU ran out of memory: lower rollout.decode_chunk (VAE latents per call) or sampling.batch_size, "
+                "and compare with `raydiff plan CONFIG`.")
+    return RolloutFailed(f"rollout worker {req[0]} failed on its batch of epoch {epoch} ({len(req[1])} prompts, seed {req[2]}): {text}.{hint}")
 
 
 def _wait_alive(actor, timeout_s: float = 300.0) -> None:
@@ -36,7 +52,7 @@ def _wait_alive(actor, timeout_s: float = 300.0) -> None:
 class RolloutGroup:
     """N RolloutWorker actors; batches are dispatched per epoch and re-issued if an actor dies."""
 
-    def __init__(self, cfg, needs=None):
+    def __init__(self, cfg, needs=None, worker_cls=RolloutWorker):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from raydiff.engine.placement import create_placement_group, role_bundles
@@ -45,7 +61,7 @@ class RolloutGroup:
         # The pending placement group is the autoscaler's demand; impossible asks fail at once.
         self.pg = create_placement_group("rollout", role_bundles(r), strategy=r.placement_strategy, timeout_s=r.placement_timeout_s)
         self.actors = [
-            ray.remote(RolloutWorker)
+            ray.remote(worker_cls)
             .options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, resources=r.resources or None,
                      max_restarts=r.max_restarts, max_task_retries=0, name=f"raydiff-rollout-{i}-{id(self):x}",
                      scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i))
@@ -54,15 +70,33 @@ class RolloutGroup:
         ]
         ray.get([a.ready.remote() for a in self.actors])
         self.pending: dict[int, list] = {}
+        # Per worker, batches started whose `finish` is not issued yet: (epoch, index, key ref), FIFO.
+        # At most `lag` stay open, so a worker holds at most lag + 1 batches awaiting scores.
+        self.unfinished = [deque() for _ in self.actors]
+        self.lag = r.max_scoring_in_flight - 1 if r.overlap_scoring else 0
         self.latest_update = None
         self.reissued = 0
 
     def dispatch(self, epoch: int, requests: list[tuple[int, list[str], int]]) -> None:
+        """Queue `start` for every request; `finish` of a worker's batch follows `lag` starts later (overlap)."""
         if epoch in self.pending:
             return
-        self.pending[epoch] = [(req, self.actors[req[0]].generate.remote(req[1], req[2])) for req in requests]
+        self.pending[epoch] = entries = []
+        for req in requests:
+            worker = req[0]
+            entries.append([req, None])
+            self.unfinished[worker].append((epoch, len(entries) - 1, self.actors[worker].start.remote(req[1], req[2])))
+            while len(self.unfinished[worker]) > self.lag:
+                self._issue_finish(worker)
+
+    def _issue_finish(self, worker: int) -> None:
+        epoch, index, key_ref = self.unfinished[worker].popleft()
+        self.pending[epoch][index][1] = self.actors[worker].finish.remote(key_ref)
 
     def gather(self, epoch: int) -> list[Trajectory]:
+        for worker, queue in enumerate(self.unfinished):  # this epoch's (and older) open batches: finish now
+            while queue and queue[0][0] <= epoch:
+                self._issue_finish(worker)
         out = []
         for req, ref in self.pending.pop(epoch):
             try:
@@ -70,6 +104,14 @@ class RolloutGroup:
             except RayActorError as e:
                 log.warning("rollout worker %d died (%s); re-issuing its batch", req[0], type(e).__name__)
                 out.append(self.regenerate(req))
+            except RayTaskError as e:
+                if isinstance(getattr(e, "cause", None), BatchLost):
+                    log.warning("rollout worker %d restarted after sampling; re-issuing its batch", req[0])
+                    out.append(self.regenerate(req))
+                    continue
+                failure = _rollout_failure(e, req, epoch)
+                log.error("%s", failure)
+                raise failure from e
         return out
 
     def regenerate(self, req: tuple[int, list[str], int]) -> Trajectory:

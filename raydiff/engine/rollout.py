@@ -3,6 +3,13 @@
 A plain class; the engine makes it a restartable Ray actor. It holds its own
 copy of the model and swaps in new trainable weights between batches, only
 after verifying version order and checksum.
+
+A batch is two calls, so scoring never idles the GPU: `start(prompts, seed)` samples,
+decodes (at most `decode_chunk` latents per VAE call) and sends the images to scoring,
+returning a key; `finish(key)` waits for the scores. The group issues `start` of batch
+i+1 before `finish` of batch i (rollout.overlap_scoring), and actor tasks run in
+submission order, so weight updates still land exactly between samplings.
+`generate` = `finish(start(...))`, the serial form.
 """
 
 from __future__ import annotations
@@ -10,8 +17,11 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
 
+from raydiff.engine.cluster.plan import runtime_decode_chunk
+from raydiff.engine.scoring import ScoringJob, scoring_pool
 from raydiff.models.loader import load_model
 from raydiff.models.lora import load_trainable_state_dict, state_checksum, trainable_state_dict
 from raydiff.sampling.conditioning import encode_prompts
@@ -23,6 +33,10 @@ log = logging.getLogger("raydiff.rollout")
 
 class WeightUpdateRejected(RuntimeError):
     pass
+
+
+class BatchLost(RuntimeError):
+    """`finish` for a batch this worker does not hold (it restarted after `start`): sample it again."""
 
 
 def build_reward_fn(reward_cfg):
@@ -50,6 +64,10 @@ class RolloutWorker:
         self.rewards = build_reward_fn(cfg.reward)
         self.version = 0
         self.checksum = state_checksum(trainable_state_dict(self.model.unet))
+        self.decode_chunk = runtime_decode_chunk(self.model, cfg.rollout.decode_chunk)
+        self._pool = scoring_pool(cfg.rollout.max_scoring_in_flight)
+        self._pending: dict[int, tuple] = {}
+        self._next_key = 0
 
     def ready(self) -> int:
         return self.rank
@@ -71,8 +89,8 @@ class RolloutWorker:
     def weights_checksum(self) -> tuple[int, str]:
         return self.version, state_checksum(trainable_state_dict(self.model.unet))
 
-    def generate(self, prompts: list[str], seed: int) -> Trajectory:
-        """Sample and score one batch for `prompts` with noise seeded by `seed`."""
+    def start(self, prompts: list[str], seed: int) -> int:
+        """Sample one batch for `prompts` (noise seeded by `seed`), send its images to scoring; returns the key for `finish`."""
         s = self.cfg.sampling
         t0 = time.perf_counter()
         gen = torch.Generator(device=self.model.device).manual_seed(seed)
@@ -80,21 +98,50 @@ class RolloutWorker:
         traj = sample(self.model, cond, prompts, s.num_steps, s.guidance_scale, s.eta, gen, self.version,
                       keep_eps=self.needs.keep_eps, keep_x0=self.needs.intermediate_rewards,
                       keep_noise=self.needs.keep_noise,
-                      x0_guidance=self.needs.intermediate_rewards_guidance)
-        t1 = time.perf_counter()
-        total, parts = self.rewards(traj.images, prompts)
-        traj.rewards, traj.reward_components = total, parts
-        calls = 1
+                      x0_guidance=self.needs.intermediate_rewards_guidance, decode_chunk=self.decode_chunk)
+        jobs = [ScoringJob(self._pool, self.rewards, traj.images, prompts)]
         if self.needs.intermediate_rewards:
-            traj.extras["step_rewards"] = self.intermediate_rewards(traj)
-            calls += 1
-        traj.timings = {"sample_s": t1 - t0, "reward_s": time.perf_counter() - t1, "reward_calls": calls}
+            jobs += self._intermediate_jobs(traj)
+        key, self._next_key = self._next_key, self._next_key + 1
+        self._pending[key] = (traj, jobs, time.perf_counter() - t0)
+        return key
+
+    def _intermediate_jobs(self, traj: Trajectory) -> list[ScoringJob]:
+        """decode(x̂_0) at every step, `decode_chunk` latents per VAE call, each chunk scored as soon as it is decoded.
+
+        Never N×T latents through the VAE at once (dag_sdxl: 4×50 at 1024px would need ~300 GiB).
+        """
+        x0 = traj.extras.pop("x0_pred")  # (N, T, C, h, w); not shipped to the learner
+        flat = x0.flatten(0, 1)
+        prompts = [p for p in traj.prompts for _ in range(x0.shape[1])]
+        jobs = []
+        for i in range(0, len(flat), self.decode_chunk):
+            images = decode_images(self.model, flat[i:i + self.decode_chunk].to(self.model.device, self.model.dtype))
+            jobs.append(ScoringJob(self._pool, self.rewards, images, prompts[i:i + self.decode_chunk]))
+        return jobs
+
+    def finish(self, key: int) -> Trajectory:
+        """Wait for the scores of batch `key` (re-sending failed requests, never re-sampling); the scored trajectory."""
+        if key not in self._pending:
+            raise BatchLost(f"rollout {self.rank}: batch {key} is not held here (worker restarted after sampling it)")
+        traj, jobs, sample_s = self._pending.pop(key)
+        t0 = time.perf_counter()
+        results = [job.result() for job in jobs]
+        wait = time.perf_counter() - t0
+        (total, parts), rest = results[0], results[1:]
+        traj.rewards, traj.reward_components = total, parts
+        if self.needs.intermediate_rewards:
+            n, T = len(traj), traj.num_steps
+            traj.extras["step_rewards"] = torch.as_tensor(np.concatenate([r[0] for r in rest]), dtype=torch.float32).view(n, T)
+        traj.timings = {"sample_s": sample_s, "reward_s": max(j.done_at for j in jobs) - jobs[0].submitted_at,
+                        "reward_wait_s": wait, "reward_calls": len(jobs), "rollout_batches": 1,
+                        "reward_resends": sum(j.attempts - 1 for j in jobs)}
         return traj
 
-    def intermediate_rewards(self, traj: Trajectory) -> torch.Tensor:
-        """Rewards of decode(x̂_0) at every step, (N, T), scored in ONE batched reward call."""
-        x0 = traj.extras.pop("x0_pred")  # (N, T, C, h, w); not shipped to the learner
-        n, T = x0.shape[:2]
-        images = decode_images(self.model, x0.flatten(0, 1).to(self.model.device, self.model.dtype))
-        total, _ = self.rewards(images, [p for p in traj.prompts for _ in range(T)])
-        return torch.as_tensor(total, dtype=torch.float32).view(n, T)
+    def generate(self, prompts: list[str], seed: int) -> Trajectory:
+        """Sample and score one batch, waiting for its scores (serial: no overlap)."""
+        return self.finish(self.start(prompts, seed))
+
+    def pending(self) -> int:
+        """Batches sampled and not yet finished (bounded by the group's in-flight limit)."""
+        return len(self._pending)

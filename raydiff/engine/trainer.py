@@ -57,10 +57,13 @@ class Trainer:
 
     # --- setup -------------------------------------------------------------
     def _start_roles(self) -> None:
+        from raydiff.engine.cluster.plan import check_memory
         from raydiff.engine.placement import check_feasible, role_bundles
 
         cfg = self.cfg
-        # Fail at once, naming the role and the fix, if no node type could ever hold an ask.
+        # Fail at once, naming the knob, if a GPU role is predicted to run out of memory,
+        check_memory(cfg, self.algorithm.needs)
+        # and, naming the role and the fix, if no node type could ever hold an ask.
         check_feasible("learner", role_bundles(cfg.learner))
         if self.is_async:
             check_feasible("rollout", role_bundles(cfg.rollout))
@@ -222,6 +225,7 @@ class Trainer:
             "reward/calls_per_batch": batch.timings.get("reward_calls", 1) / max(1, self.cfg.train.batches_per_epoch * self.cfg.rollout.num_workers),
             "time/rollout_wait_s": t_wait, "time/sync_s": t_sync, "time/epoch_s": t_epoch,
             "time/sample_s": batch.timings.get("sample_s", 0.0), "time/reward_s": batch.timings.get("reward_s", 0.0),
+            "time/reward_wait_s": batch.timings.get("reward_wait_s", 0.0),  # rollouts blocked on scores (GPU idle), summed
             "reward/round_trips": batch.timings.get("reward_calls", 0),  # reward-service calls made for this epoch's batches
             "throughput/samples_per_s": len(batch) / max(t_epoch, 1e-9),
         })

@@ -50,9 +50,16 @@ def predict_noise(model, x: torch.Tensor, t, cond: Conditioning, guidance_scale:
 
 
 @torch.no_grad()
-def decode_images(model, latents: torch.Tensor) -> np.ndarray:
-    """Latents (N, C, h, w) -> uint8 images (N, H, W, 3), rounded like diffusers' numpy_to_pil."""
-    return (decode_float(model, latents).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+def decode_images(model, latents: torch.Tensor, chunk: Optional[int] = None) -> np.ndarray:
+    """Latents (N, C, h, w) -> uint8 images (N, H, W, 3), rounded like diffusers' numpy_to_pil.
+
+    At most `chunk` latents go through the VAE per call (None = all): VAE activations grow with
+    the batch (SDXL at 1024px: ~1.5 GiB per image in bf16), images on the host do not.
+    """
+    step = chunk or max(len(latents), 1)
+    out = [(decode_float(model, latents[i:i + step]).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+           for i in range(0, len(latents), step)]
+    return np.concatenate(out) if out else np.zeros((0, model.resolution, model.resolution, 3), np.uint8)
 
 
 def decode_float(model, latents: torch.Tensor) -> torch.Tensor:
@@ -94,12 +101,14 @@ def sample(
     latents: Optional[torch.Tensor] = None,
     x0_guidance: str = "cfg",
     progress: bool = False,
+    decode_chunk: Optional[int] = None,
 ) -> Trajectory:
     """Run the DDIM chain; returns latents x_T..x_0, log-probs, images.
 
     `keep_eps` stores ε̂ per step (extras['eps'], (N, T, C, h, w)); `keep_x0` stores the
     predicted x̂_0 per step (extras['x0_pred'], same shape) for intermediate rewards, from the CFG ε̂
     (`x0_guidance='cfg'`) or from the conditional branch alone (`'cond'`, free: CFG computes it anyway).
+    `decode_chunk`: latents per VAE decode call for the final images (None = all at once).
     """
     sched = model.scheduler
     sched.set_timesteps(num_steps, device=model.device)
@@ -130,7 +139,7 @@ def sample(
             x0_all.append(x0.float())
         if keep_noise and out.noise is not None:
             noise_all.append(out.noise.float())
-    images = decode_images(model, x)
+    images = decode_images(model, x, decode_chunk)
     traj = Trajectory(
         prompts=list(prompts),
         latents=torch.stack(xs, dim=1).float().cpu(),
