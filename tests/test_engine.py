@@ -52,6 +52,10 @@ def test_async_two_learners_kill_rollout(ray_cluster, tmp_path):
     assert [r["step"] for r in rows] == list(range(cfg.train.num_epochs))
     assert all(r["policy/weights_consistent"] == 1 for r in rows)
     assert max(r["policy/staleness"] for r in rows) == 2
+    # Decoupled PPO: stale steps weight by π_prox/π_b ≠ 1; fresh steps (staleness 0) have w ≡ 1.
+    stale = [r for r in rows if r["policy/staleness"] > 0]
+    assert stale and all(r["train/is_weight_max_dev"] > 0 for r in stale), [r["train/is_weight_max_dev"] for r in rows]
+    assert all(r["train/is_weight_max_dev"] == 0 for r in rows if r["policy/staleness"] == 0)
     assert rows[-1]["policy/reissued_batches"] >= 1
     per_step = read_experience(tmp_path).group_by("step").aggregate([("reward", "count")]).column("reward_count").to_pylist()
     assert per_step == [2 * 2 * 8] * cfg.train.num_epochs  # batches_per_epoch x workers x batch_size, every epoch
