@@ -45,9 +45,11 @@ class AsyncAlgorithmConfig(Section):
     timestep_fraction: float = Field(1.0, gt=0, le=1, description="Fraction of the T steps trained per minibatch (random subset, int(T·fraction) of them as the references).")
     is_clip: float = Field(2.0, ge=1, description="Truncation c̄ of the per-step importance weight min(π_prox/π_behaviour, c̄) for stale samples (geometric-mean ratios).")
 
-    def min_eta(self) -> float:
-        """Smallest DDIM η this algorithm's log-probs allow (checked against sampling.eta at validation)."""
-        return 1e-6
+    def validate_sampling(self, sampling) -> None:
+        """Rollout log-probs are Gaussian densities: they need η > 0 (η = 0 makes σ_t = 0, log-prob undefined)."""
+        if sampling.eta <= 0:
+            raise ValueError(f"sampling.eta={sampling.eta}: algorithm {self.name!r} trains on per-step log-probs, which need "
+                             "a stochastic DDIM step; set sampling.eta > 0 (1.0 as the references)")
 
 
 def trained_steps(num_steps: int, fraction: float) -> int:

@@ -68,6 +68,12 @@ class Config(AsyncAlgorithmConfig):
     flow_embed_dim: int = Field(256, ge=8, description="F_φ width of the time + text embedding and of the head.")
     flow_init_seed: int = Field(0, description="Seed of F_φ's initialisation (identical on every learner rank).")
 
+    def validate_sampling(self, sampling) -> None:
+        """P_F and P_B are consistent kernels of the same Markov chain only at η = 1 (σ_t² = the posterior variance)."""
+        if sampling.eta != 1.0:
+            raise ValueError(f"sampling.eta={sampling.eta}: DAG's detailed balance pairs P_F with the forward kernel P_B, "
+                             "which holds only for DDIM η = 1; set sampling.eta=1.0")
+
 
 def beta_at(cfg: Config, epoch: int) -> float:
     """β = β_max · min(1, epoch / warmup) (the reference's linear anneal)."""
