@@ -88,9 +88,11 @@ def db_residual(log_f: torch.Tensor, log_pf: torch.Tensor, log_pb: torch.Tensor,
 
 
 def rloo_advantages(reward: torch.Tensor, clip: float, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Leave-one-out normalised advantages over the batch (needs N ≥ 2), clipped to ±clip; reward (N,), no grad.
+    """Leave-one-out normalised advantages over the batch, clipped to ±clip; reward (N,), no grad.
 
-    `valid` (N,) bool leaves padding out of every baseline (their advantage is 0).
+    `valid` (N,) bool leaves padding out of every baseline (their advantage is 0). With fewer
+    than 2 valid samples there is no leave-one-out baseline: advantages are 0 (no PPO signal
+    from that micro-batch; its flow term still trains).
     """
     if valid is not None and not bool(valid.all()):
         out = torch.zeros_like(reward)
@@ -99,8 +101,7 @@ def rloo_advantages(reward: torch.Tensor, clip: float, valid: torch.Tensor | Non
         return out
     n = reward.shape[0]
     if n < 2:
-        raise ValueError("DAG-KL needs at least 2 trajectories per micro-batch for its leave-one-out baseline: "
-                         "raise algorithm.train_batch_size")
+        return torch.zeros_like(reward)
     baseline = (reward.sum() - reward) / (n - 1)
     sq = (reward - baseline) ** 2
     var = (sq.sum() - sq) / (n - 1)
