@@ -63,9 +63,10 @@ def ddim_step(
     if scheduler.config.prediction_type != "epsilon":
         raise NotImplementedError(f"prediction_type={scheduler.config.prediction_type!r}; raydiff's DDIM step supports epsilon models")
     a_t, a_prev, prev_t = alphas_at(scheduler, t)
-    a_t, a_prev = a_t.to(eps.device), a_prev.to(eps.device)
     sample_dtype = x_t.dtype
-    eps32, x_t32 = eps.float(), x_t.float()
+    step_dtype = torch.promote_types(torch.promote_types(x_t.dtype, eps.dtype), torch.float32)  # fp32, or fp64 when given
+    a_t, a_prev = a_t.to(eps.device, step_dtype), a_prev.to(eps.device, step_dtype)
+    eps32, x_t32 = eps.to(step_dtype), x_t.to(step_dtype)
     beta_t = 1 - a_t
     x0 = (x_t32 - beta_t ** (0.5) * eps32) / a_t ** (0.5)
     if scheduler.config.thresholding:
@@ -83,7 +84,7 @@ def ddim_step(
         if eta > 0:
             # Drawn in the model's dtype as diffusers does (same generator stream), applied in fp32.
             noise = randn_tensor(eps.shape, generator=generator, device=eps.device, dtype=eps.dtype)
-            prev_sample = prev_sample + std * noise.float()
+            prev_sample = prev_sample + std * noise.to(step_dtype)
         prev_sample = prev_sample.to(sample_dtype)  # what the next step consumes; scored as such
     if eta > 0:
         log_prob = gaussian_log_prob(prev_sample, mean, std)
