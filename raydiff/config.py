@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from raydiff.algorithms.registry import AlgorithmConfig, default_algorithm_config
 from raydiff.config_base import ConfigError, Section, apply_override, build, load_yaml, parse_override
@@ -136,6 +136,14 @@ class RunConfig(Section):
     train: TrainSection = Field(default_factory=TrainSection, description="Training schedule.")
     output: OutputSection = Field(default_factory=OutputSection, description="Run directory, checkpoints, logging.")
     ray_address: Optional[str] = Field(None, description="Ray cluster to join; None = RAY_ADDRESS or an embedded local cluster.")
+
+    @model_validator(mode="after")
+    def _algorithm_accepts_sampling(self) -> "RunConfig":
+        """Cross-section check owned by the algorithm (e.g. log-prob algorithms need sampling.eta > 0)."""
+        check = getattr(self.algorithm, "validate_sampling", None)
+        if check is not None:
+            check(self.sampling)
+        return self
 
     @property
     def run_dir(self) -> str:

@@ -72,7 +72,8 @@ class Trajectory:
     reward_components: dict = field(default_factory=dict)  # name -> (N,)
     advantages: Optional[torch.Tensor] = None  # (N,)
     weights: Optional[torch.Tensor] = None  # (N,) importance weights for stale batches (1 = none)
-    staleness: int = 0  # learner version at training minus `version`; set by the driver at admission
+    staleness: Optional[torch.Tensor] = None  # (N,) int64 per sample: learner version at admission − its sampling version; None = all 0
+    max_staleness: int = 0  # max of `staleness` over the whole (unsharded) batch: the same on every learner rank
     extras: dict = field(default_factory=dict)  # algorithm-specific tensors, batch-first
     timings: dict = field(default_factory=dict)  # seconds spent per phase
 
@@ -94,9 +95,26 @@ class Trajectory:
             latents=self.latents[idx_t], log_probs=self.log_probs[idx_t], cond=self.cond.index(idx_t),
             images=self.images[idx_np], rewards=pick(self.rewards),
             reward_components={k: pick(v) for k, v in self.reward_components.items()},
-            advantages=pick(self.advantages), weights=pick(self.weights),
+            advantages=pick(self.advantages), weights=pick(self.weights), staleness=pick(self.staleness),
             extras={k: pick(v) for k, v in self.extras.items()},
         )
+
+    def sample_staleness(self) -> torch.Tensor:
+        """(N,) int64 staleness per sample (zeros when never set)."""
+        return self.staleness if self.staleness is not None else torch.zeros(len(self), dtype=torch.int64)
+
+    def pad_to(self, n: int) -> "Trajectory":
+        """Append copies of the last sample with weight 0 up to `n` samples (equal shards on every rank).
+
+        A padded copy contributes nothing to a weighted loss; it only adds one to the mean's
+        denominator on its rank (a gradient scale of len/n there).
+        """
+        if n <= len(self):
+            return self
+        weights = self.weights if self.weights is not None else torch.ones(len(self))
+        out = self.index(list(range(len(self))) + [len(self) - 1] * (n - len(self)))
+        out.weights = torch.cat([weights, torch.zeros(n - len(self))]).float()
+        return out
 
     @staticmethod
     def cat(items: list["Trajectory"]) -> "Trajectory":
@@ -109,10 +127,13 @@ class Trajectory:
             latents=torch.cat([t.latents for t in items]), log_probs=torch.cat([t.log_probs for t in items]),
             cond=Conditioning.cat([t.cond for t in items]), images=np.concatenate([t.images for t in items]),
             version=min(t.version for t in items),
-            staleness=max(t.staleness for t in items),
+            staleness=torch.cat([t.sample_staleness() for t in items]),
+            max_staleness=max(t.max_staleness for t in items),
             rewards=cat_opt([t.rewards for t in items]),
             reward_components={k: cat_opt([t.reward_components[k] for t in items]) for k in first.reward_components},
-            advantages=cat_opt([t.advantages for t in items]), weights=cat_opt([t.weights for t in items]),
+            advantages=cat_opt([t.advantages for t in items]),
+            weights=None if all(t.weights is None for t in items) else torch.cat(
+                [t.weights if t.weights is not None else torch.ones(len(t)) for t in items]).float(),
             extras={k: cat_opt([t.extras[k] for t in items]) for k in first.extras},
             timings={k: sum(t.timings.get(k, 0.0) for t in items) for k in first.timings},
         )

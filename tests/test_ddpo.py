@@ -49,27 +49,26 @@ def test_ratio_is_one_at_first_inner_step(tiny_sd):
     assert metrics["train/optimizer_steps"] == 1 and learner.version == 1
 
 
-def test_reparam_log_prob_rescores_the_sampling_noise(tiny_sd):
-    """Stored noise reproduces x_{t-1}; re-scored under the same weights it gives the sampled log-prob,
-    and after a weight change it still does (value) while its gradient is the current policy's score."""
+def test_proximal_log_probs_on_the_real_model(tiny_sd):
+    """Fresh batch: π_prox is the stored log-probs. Stale batch after a weight change: π_prox is the
+    current weights' log-prob of the stored transition, and training reports w ≠ 1 against π_b."""
+    from raydiff.algorithms.common import PROX_KEY
+
     cfg = load_config("configs/tiny_ddpo.yaml", [f"model.path={tiny_sd}", "sampling.batch_size=2", "sampling.num_steps=3",
-                                                 "learner.engine=torch"])
-    worker = RolloutWorker(cfg, needs=Learner(cfg).algorithm.needs)
-    learner = Learner(cfg)
-    batch = worker.generate(["a cat", "a dog"], seed=3)
-    assert batch.extras["noise"].shape == batch.latents[:, 1:].shape
-    for j in range(3):
-        out, _ = learner.policy.step(batch, j)
-        torch.testing.assert_close(out.mean + out.std * batch.extras["noise"][:, j], batch.latents[:, j + 1], atol=1e-5, rtol=0)
-        lp, stored = learner.policy.log_prob_reparam(batch, j)
-        torch.testing.assert_close(lp.detach(), batch.log_probs[:, j], atol=1e-5, rtol=0)
-        torch.testing.assert_close(stored, batch.log_probs[:, j], atol=1e-5, rtol=0)
+                                                 "learner.engine=torch", "algorithm.train_batch_size=2"])
+    worker, learner = RolloutWorker(cfg), Learner(cfg)
+    batch = learner.algorithm.prepare(worker.generate(["a cat", "a dog"], seed=3))
+    fresh = learner.algorithm.prepare_batch(learner.policy, batch)
+    assert torch.equal(fresh.extras[PROX_KEY], batch.log_probs)
     with torch.no_grad():
         for n, p in learner.model.unet.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
-    lp, stored = learner.policy.log_prob_reparam(batch, 1)
-    torch.testing.assert_close(lp.detach(), batch.log_probs[:, 1], atol=1e-5, rtol=0)  # same noise, same density
-    assert (stored - batch.log_probs[:, 1]).abs().max() > 1e-4  # the stored sample is now off the policy's mean
-    lp.sum().backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in learner.model.trainable_parameters())
+    batch.staleness, batch.max_staleness = torch.ones(2, dtype=torch.int64), 1
+    stale = learner.algorithm.prepare_batch(learner.policy, batch)
+    with torch.no_grad():
+        torch.testing.assert_close(stale.extras[PROX_KEY][:, 1], learner.policy.log_prob(batch, 1), atol=1e-6, rtol=0)
+    assert (stale.extras[PROX_KEY] - batch.log_probs).abs().max() > 1e-4
+    metrics = learner.train(batch)
+    assert metrics["train/is_weight_max_dev"] > 0 and metrics["train/behaviour_approx_kl"] > 0
+    assert metrics["train/ratio_max_dev"] < 1e-5  # one minibatch: θ = π_prox throughout its step

@@ -91,11 +91,75 @@ class TinyLearner:
         self.stepper.load_checkpoint(d, "ds")
 
 
+class TwoNetLearner:
+    """Two linear "networks" in two optimiser groups (policy, flow) on one DeepSpeedStepper.
+
+    loss = w_policy·x + w_flow·(s·x): each group's averaged grad is known in closed form.
+    """
+
+    def __init__(self, rank: int, world_size: int, stage: int):
+        torch.manual_seed(0)
+        self.net = torch.nn.ModuleDict({"policy": torch.nn.Linear(64, 1, bias=False), "flow": torch.nn.Linear(64, 1, bias=False)})
+        cfg = LearnerSection(zero_stage=stage, learning_rate=1e-2, weight_decay=0.1, max_grad_norm=1.0,
+                             deepspeed={"zero_optimization": {"stage3_param_persistence_threshold": 0}} if stage == 3 else {})
+        groups = [{"name": k, "params": list(m.parameters())} for k, m in self.net.items()]
+        self.stepper = DeepSpeedStepper(self.net, groups, cfg, accumulation_steps=1)
+
+    def run_task(self, task: dict):
+        from raydiff.engine.deepspeed_stepper import _inner_torch_optimizer
+
+        x = torch.as_tensor(task["x"])
+        loss = (self.net["policy"](x) + self.net["flow"](task["scale"] * x)).sum()
+        self.stepper.backward(loss, groups=task.get("groups"))
+        out = {"norms": dict(self.stepper.group_grad_norms), "last": self.stepper.last_grad_norm}
+        zero, inner = self.stepper.optimizer, _inner_torch_optimizer(self.stepper.optimizer)
+        flats = getattr(zero, "single_partition_of_fp32_groups", None) or zero.fp32_partitioned_groups_flat
+        for i, k in enumerate(self.net):  # this rank's partition of each group: master weights and Adam state
+            state = inner.state[flats[i]]
+            out[k] = {"weight": flats[i].detach().clone(), "step": float(state["step"]),
+                      "exp_avg": state["exp_avg"].clone(), "exp_avg_sq": state["exp_avg_sq"].clone()}
+        return out
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_per_group_clipping_and_idle_group_untouched(ray_cluster, tmp_path, stage):
+    """Each group is clipped by its own norm (DeepSpeed's is one global norm); a step of one group leaves
+    the other's weights and Adam moments bit-identical; no NaN norm."""
+    from raydiff.engine.learner_group import LearnerGroup
+
+    group = LearnerGroup(functools.partial(TwoNetLearner, stage=stage), LearnerSection(num_workers=2, num_cpus=1),
+                         storage_path=str(tmp_path), name=f"twonet{stage}", max_failures=0).start()
+    try:
+        xs = [torch.randn(1, 64, generator=torch.Generator().manual_seed(r)) * 0.05 for r in range(2)]
+        g = (xs[0] + xs[1])[0] / 2  # the rank-averaged grad of w_policy; w_flow's is 40·g
+        a = group.run([{"x": xs[r], "scale": 40.0} for r in range(2)])
+        norm = float(g.norm())
+        assert norm < 1.0 < 40 * norm  # policy is under max_grad_norm = 1, flow over it
+        for r in a:
+            assert r["norms"]["policy"] == pytest.approx(norm, rel=1e-4)
+            assert r["norms"]["flow"] == pytest.approx(40 * norm, rel=1e-4)
+            assert r["last"] == pytest.approx(norm, rel=1e-4)
+        full = {k: torch.cat([r[k]["exp_avg"].reshape(-1) for r in a])[:64] for k in ("policy", "flow")}  # rank partitions in order
+        torch.testing.assert_close(full["policy"], 0.1 * g, rtol=1e-4, atol=1e-8)  # under max norm: not clipped
+        torch.testing.assert_close(full["flow"], 0.1 * 40 * g / (40 * norm + 1e-6), rtol=1e-4, atol=1e-8)  # clipped to norm 1
+        b = group.run([{"x": xs[r], "scale": 40.0, "groups": ["flow"]} for r in range(2)])
+        for before, after in zip(a, b):
+            for key in ("exp_avg", "exp_avg_sq", "weight", "step"):
+                assert torch.equal(torch.as_tensor(after["policy"][key]), torch.as_tensor(before["policy"][key])), key  # idle: untouched
+            assert after["flow"]["step"] == before["flow"]["step"] + 1
+            assert not torch.equal(after["flow"]["weight"], before["flow"]["weight"]) or after["flow"]["weight"].abs().sum() == 0
+            assert all(v == v for v in after["norms"].values())  # no NaN
+    finally:
+        group.shutdown()
+
+
 def test_deepspeed_config_merges_overrides():
     cfg = LearnerSection(zero_stage=3, max_grad_norm=0.5, deepspeed={"zero_optimization": {"overlap_comm": True}, "bf16": {"enabled": False}})
     ds = deepspeed_config(cfg, accumulation_steps=4, use_gpu=True)
     assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True}
-    assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 0.5
+    assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 0.0  # per-group clipping is ours
+    with pytest.raises(ValueError, match="learner.max_grad_norm"):
+        deepspeed_config(LearnerSection(deepspeed={"gradient_clipping": 1.0}), 1, use_gpu=False)
     assert ds["bf16"] == {"enabled": False}  # override wins over use_gpu's bf16
     assert ds["optimizer"]["params"]["lr"] == cfg.learning_rate and ds["optimizer"]["params"]["torch_adam"]
     assert deepspeed_config(LearnerSection(), 1, use_gpu=False)["bf16"] == {"enabled": False}

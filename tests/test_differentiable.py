@@ -181,6 +181,35 @@ def test_draft_lv_renoising_is_deterministic_and_differentiable(model64):
     assert all(lv.requires_grad for lv in a.lv_latents)
 
 
+def test_draft_lv_gradient_is_the_mean_of_per_copy_gradients_and_skips_the_chain(model64):
+    """DRaFT-LV as Clark et al. Algorithm 2: the chain runs without gradient; the loss's gradient is
+    the mean of the n re-noised copies' gradients, and nothing flows into the chain (x_T, x_0)."""
+    from raydiff.algorithms.draft import DRaFT
+    from raydiff.algorithms.draft import Config as DraftConfig
+
+    m, cond, x_T = model64
+    plan = DRaFT(DraftConfig(variant="lv", lv_renoise=2), None).plan(T, random.Random(0))
+    assert plan.grad_steps == frozenset() and plan.lv_renoise == 2
+    x = x_T.clone().requires_grad_(True)
+    out = _run(m, cond, x, plan, seed=5)
+    assert not out.latents.requires_grad and out.unet_calls_with_grad == 2
+    params = _lora_params(m)
+    bright = [(m.vae.decode(lv / m.vae.config.scaling_factor, return_dict=False)[0] / 2 + 0.5).mean() for lv in out.lv_latents]
+    per_copy = [torch.autograd.grad(b, params, retain_graph=True, allow_unused=True) for b in bright]
+    total = torch.autograd.grad(torch.stack(bright).mean(), params, retain_graph=True, allow_unused=True)
+    nonzero = 0
+    for k, g in enumerate(total):
+        gs = [pc[k] for pc in per_copy]
+        if g is None:
+            assert all(v is None for v in gs)
+            continue
+        torch.testing.assert_close(g, sum(gs) / len(gs), rtol=1e-10, atol=1e-14)
+        nonzero += int(g.abs().sum() > 0)
+    assert nonzero > 0
+    torch.stack(bright).mean().backward()
+    assert x.grad is None  # no gradient reached the chain's start
+
+
 def test_plans():
     rng = random.Random(0)
     for run, k in [(50, 5), (7, 3), (4, 4), (3, 5)]:

@@ -23,7 +23,7 @@ PROMPTS = ["a cat", "a dog", "a fox"]
 def _setup(tiny_sd, **cfg):
     torch.manual_seed(0)
     model = load_model(ModelSection(path=tiny_sd), "cpu")
-    alg = DiffInstructPP(Config(t_star=500, **cfg), SamplingSection(), RewardSection())
+    alg = DiffInstructPP(Config(t_star=500, distill_from_reference=True, **cfg), SamplingSection(), RewardSection())
     modules = alg.build_modules(model)
     cond = encode_prompts(model, PROMPTS)
     return model, alg, modules, cond
@@ -74,6 +74,66 @@ def test_ikl_surrogate_gradient_matches_score_difference(tiny_sd):
     s_psi, s_ref = -eps_psi / sigma, -eps_ref / sigma
     expected = a.sqrt() * (s_psi - s_ref) / (x0[0].numel() * len(PROMPTS))
     torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-7)
+
+
+def _hand_eps(unet, x_t, t, embeds):
+    return unet(x_t, t, encoder_hidden_states=embeds).sample.float()
+
+
+def test_cfg_reference_direction_for_omega_not_one(tiny_sd):
+    """ω = 3: d loss / d x_0 = √ᾱ·(s_ψ − s_ref^ω)/d, s_ref^ω from ε_∅ + ω(ε_c − ε_∅) of direct base-UNet calls;
+    descending it moves x_0 along s_ref^ω − s_ψ, i.e. towards the guided reference (further along ε_c − ε_∅)."""
+    model, alg, modules, cond = _setup(tiny_sd, weighting="uniform", ref_guidance_scale=3.0)
+    x0 = torch.randn(len(PROMPTS), 4, 8, 8, requires_grad=True)
+    loss, _ = alg.ikl_loss(model, x0, cond, torch.Generator().manual_seed(4))
+    (g,) = torch.autograd.grad(loss, x0)
+    x_t, t, _, a = alg.noise(model, x0.detach(), torch.Generator().manual_seed(4))
+    with torch.no_grad(), alg.reference(model)[1]:
+        e_u = _hand_eps(model.unet, x_t, t, cond.neg_embeds)
+        e_c = _hand_eps(model.unet, x_t, t, cond.embeds)
+    with torch.no_grad():
+        e_psi = _hand_eps(modules["assistant"].unet, x_t, t, cond.embeds)
+    sigma = (1 - a).sqrt()
+    e_ref = e_u + 3.0 * (e_c - e_u)
+    expected = a.sqrt() * ((e_ref - e_psi) / sigma) / (x0[0].numel() * len(PROMPTS))
+    torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-7)
+    # The assistant starts as the conditional reference, so here s_ψ − s_ref^ω = (ω − 1)(ε_c − ε_∅)/σ:
+    # the descent direction −g points along −(ε_c − ε_∅), i.e. along the guided score s_c − s_∅.
+    cfg_dir = a.sqrt() * (2.0 * (e_c - e_u) / sigma) / (x0[0].numel() * len(PROMPTS))
+    torch.testing.assert_close(g, cfg_dir, rtol=1e-3, atol=1e-7)
+    assert float((g * (e_c - e_u)).sum()) > 0
+
+
+def test_dmd_weight_and_dsm_target_hand_computed(tiny_sd):
+    model, alg, modules, cond = _setup(tiny_sd, weighting="dmd")
+    g = torch.Generator().manual_seed(5)
+    x0, x_t, eps_ref = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
+    a = torch.tensor([0.9, 0.5, 0.1]).view(-1, 1, 1, 1)
+    w = alg.weight(x0, x_t, eps_ref, a)
+    for i in range(3):  # DMD: σ²/(ᾱ · mean|x_0 − x̂_0^ref|), x̂_0^ref = (x_t − σ ε_ref)/√ᾱ
+        s2, ai = 1 - float(a[i]), float(a[i])
+        x0_ref = (x_t[i] - s2**0.5 * eps_ref[i]) / ai**0.5
+        assert float(w[i]) == pytest.approx(s2 / (ai * float((x0[i] - x0_ref).abs().mean())), rel=1e-5)
+    with torch.no_grad():
+        for n, p in modules["assistant"].named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05 * torch.randn_like(p))
+        dsm = alg.dsm_loss(model, x0, cond, torch.Generator().manual_seed(6))
+        gen = torch.Generator().manual_seed(6)  # the same draws, in noise()'s order: t, then ε
+        t = torch.randint(alg.config.t_min, alg.config.t_max + 1, (3,), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        ab = model.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+        pred = _hand_eps(modules["assistant"].unet, ab.sqrt() * x0 + (1 - ab).sqrt() * eps, t, cond.embeds)
+    assert float(dsm) == pytest.approx(float((pred - eps).pow(2).mean()), rel=1e-5)  # target: the added noise ε
+
+
+def test_real_model_configs_need_a_generator():
+    from raydiff.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="algorithm.generator_path is required"):
+        load_config("configs/diffinstruct_pp_sd15.yaml", ["algorithm.generator_path=null"])
+    assert load_config("configs/diffinstruct_pp_sd15.yaml").algorithm.generator_path
+    assert load_config("configs/tiny_diffinstruct_pp.yaml").algorithm.distill_from_reference
 
 
 def test_stepper_group_option_leaves_other_groups_untouched():

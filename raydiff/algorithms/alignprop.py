@@ -9,7 +9,9 @@ where r̃ = r (default), min(r, r_clip) (`reward_clip`) or −|r − r*| (`rewar
 ε̂_ref is the frozen base model (LoRA adapters disabled), d = N·C·h·w, ΔW_ℓ = s·B_ℓA_ℓ
 the LoRA update of layer ℓ. Backprop is truncated to the last K steps with
 K ~ U{k_min..k_max} drawn per update (AlignProp's randomised truncation; the earlier
-chain runs under no_grad). LoRA only in the paper, lr ≈ 1e-3.
+chain runs under no_grad). Defaults 1..50 follow the reference code
+(`truncated_backprop_minmax = (0, 50)`: steps i < cut are detached, cut ~ U{0..50},
+so K = 50 − cut; K = 0 would leave no gradient, hence k_min = 1). LoRA only in the paper, lr ≈ 1e-3.
 
 This module also holds `RewardBackprop`, the base shared with DRaFT (`draft.py`) and
 DRTune (`drtune.py`): they differ only in the `GradPlan` they sample with.
@@ -49,8 +51,8 @@ class RewardBackpropConfig(Section):
 
 class Config(RewardBackpropConfig):
     name: Literal["alignprop"] = Field("alignprop", description="Algorithm name.")
-    k_min: int = Field(5, ge=1, description="Smallest K: backprop through the last K DDIM steps, K ~ U{k_min..k_max} per update (AlignProp 50-step default: 5..15); clipped to sampling.num_steps.")
-    k_max: int = Field(15, ge=1, description="Largest K (k_max = sampling.num_steps with k_min = k_max is full backprop).")
+    k_min: int = Field(1, ge=1, description="Smallest K: backprop through the last K DDIM steps, K ~ U{k_min..k_max} per update, clipped to sampling.num_steps (reference code: cut ~ U{0..50} of 50 steps, K = 50 − cut; K = 0 has no gradient, so 1).")
+    k_max: int = Field(50, ge=1, description="Largest K (reference code: 50 = the whole chain; k_min = k_max = sampling.num_steps is full backprop).")
 
 
 def lora_delta_l2(unet) -> torch.Tensor:
@@ -154,7 +156,8 @@ class RewardBackprop(Algorithm):
         prompts = list(batch.prompts) * (1 + len(out.lv_latents))
         r, parts = self.score(images, prompts)
         r_obj = self.objective(r)
-        loss = -r_obj.mean()  # DRaFT-LV: mean over the sample and its n re-noised copies
+        # DRaFT-LV: mean over the n re-noised copies only (the chain's own x_0 carries no gradient).
+        loss = -(r_obj[n:] if out.lv_latents else r_obj).mean()
         metrics = {}
         if out.reg is not None:
             loss = loss + cfg.ref_eps_weight * out.reg

@@ -6,6 +6,8 @@ The engine never branches on an algorithm's name. It asks the algorithm:
   (advantages, per-prompt statistics), checkpointed via `state_dict`,
 - `build_modules(model)`: learner-side extra trainable networks (e.g. DAG's
   flow net), trained in their own optimiser group and checkpointed with the learner,
+- `prepare_batch(policy, batch)`: learner-side, once per received batch before its
+  first optimiser step (e.g. the proximal log-probs of decoupled PPO, no grad),
 - `minibatches(batch, rng)`: how the learner cuts what it receives (trajectories
   for async algorithms, a `PromptBatch` for sync ones),
 - `train_step(policy, optimizer, batch, rng)`: learner-side update on one
@@ -32,6 +34,19 @@ class Needs:
     intermediate_rewards: bool = False  # rewards of x̂_0 at every step are requested
     intermediate_rewards_guidance: str = "cfg"  # x̂_0 for those rewards from the CFG ε̂ ("cfg") or the conditional branch alone ("cond")
     reference_model: bool = False  # a frozen copy of the base model on the learner
+
+
+def shuffled_pieces(batch: Trajectory, size: int, epochs: int, rng: torch.Generator) -> Iterator[Trajectory]:
+    """Per epoch: shuffle, then ceil(N/size) near-equal pieces (sizes differ by ≤ 1): no sample dropped.
+
+    The piece count depends only on N, so learner ranks with equal shard lengths make
+    equal numbers of optimiser steps.
+    """
+    pieces = max(1, -(-len(batch) // size))
+    for _ in range(epochs):
+        perm = torch.randperm(len(batch), generator=rng)
+        for idx in torch.tensor_split(perm, pieces):
+            yield batch.index(idx)
 
 
 class Algorithm:
@@ -63,16 +78,16 @@ class Algorithm:
         """Optimiser options (lr, weight_decay) for the group of module `name`; {} = the learner's."""
         return {}
 
+    def prepare_batch(self, policy, batch):
+        """Learner-side, once per received batch (this rank's shard), before its first optimiser step."""
+        return batch
+
     def minibatches(self, batch, rng: torch.Generator) -> Iterator:
         """Default for rollout-based algorithms: `num_inner_epochs` shuffled passes in `train_batch_size` pieces."""
         if isinstance(batch, PromptBatch):
             yield batch
             return
-        mb = min(self.config.train_batch_size, len(batch))
-        for _ in range(self.config.num_inner_epochs):
-            perm = torch.randperm(len(batch), generator=rng)
-            for start in range(0, len(batch) - mb + 1, mb):
-                yield batch.index(perm[start:start + mb])
+        yield from shuffled_pieces(batch, self.config.train_batch_size, self.config.num_inner_epochs, rng)
 
     def minibatch_size(self, batch) -> int:
         return min(getattr(self.config, "train_batch_size", len(batch)), len(batch))

@@ -19,11 +19,21 @@ GFlowNet. Per stored transition x_t → x_{t−1} (index j: x_t = latents[:, j])
   and checkpoints its epoch counter.
 - Proximal term: + λ · mean_CHW (ε̂ − ε̂_old)², ε̂_old = CFG ε̂ stored at sampling (`extras['eps']`).
 
-DAG-KL (`variant: kl`): F_φ trains on δ² with log P_F detached; the policy trains on a
-PPO-clipped surrogate with advantage A = −δ (detached), leave-one-out normalised over the
-micro-batch and clipped to ±A_max, weighted by `klpf`:
+DAG-KL (`variant: kl`): F_φ trains on δ² with log P_F detached; the policy trains on the
+decoupled PPO surrogate of `algorithms/common.py` with advantage A = −δ (detached),
+leave-one-out normalised over the micro-batch and clipped to ±A_max, weighted by `klpf`:
 
-    L_KL = (δ|_{log P_F detached})² + klpf · max(−A ρ, −A clip(ρ, 1 − ε, 1 + ε)),   ρ = exp(log P_F − log P_old)
+    L_KL = (δ|_{log P_F detached})² + klpf · w · max(−A ρ, −A clip(ρ, 1 − ε, 1 + ε)),
+    ρ = exp(log P_F − log π_prox),   w = min(exp(log π_prox − log P_old), c̄)
+
+(π_prox = the learner's log-probs when the batch arrives; = P_old at staleness 0.)
+Timestep grouping: each micro-batch trains one timestep index j for all its samples, so
+the leave-one-out baseline of A compares δ's at the *same* t. The reference
+(apple/ml-diffusion-alignment-gflownet) permutes every trajectory's timesteps
+independently, so its baseline mixes timesteps. For DB (and DAG-KL's flow term) the
+summed gradient is identical; for the KL advantages ours is the per-timestep baseline,
+which removes the systematic differences of δ between timesteps from A (documented in
+docs/algorithms/dag.md). Trained steps: int(T · timestep_fraction), as the reference.
 """
 
 from __future__ import annotations
@@ -35,8 +45,8 @@ from typing import Iterator, Literal
 import torch
 from pydantic import Field
 
-from raydiff.algorithms.base import Algorithm, Needs
-from raydiff.algorithms.ddpo import AsyncAlgorithmConfig
+from raydiff.algorithms.base import Algorithm, Needs, shuffled_pieces
+from raydiff.algorithms.common import PROX_KEY, AsyncAlgorithmConfig, attach_proximal_log_probs, decoupled_ppo_terms, trained_steps
 from raydiff.algorithms.flow_net import FlowNet
 from raydiff.sampling.ddim import backward_log_prob
 from raydiff.types import Trajectory
@@ -58,6 +68,12 @@ class Config(AsyncAlgorithmConfig):
     flow_embed_dim: int = Field(256, ge=8, description="F_φ width of the time + text embedding and of the head.")
     flow_init_seed: int = Field(0, description="Seed of F_φ's initialisation (identical on every learner rank).")
 
+    def validate_sampling(self, sampling) -> None:
+        """P_F and P_B are consistent kernels of the same Markov chain only at η = 1 (σ_t² = the posterior variance)."""
+        if sampling.eta != 1.0:
+            raise ValueError(f"sampling.eta={sampling.eta}: DAG's detailed balance pairs P_F with the forward kernel P_B, "
+                             "which holds only for DDIM η = 1; set sampling.eta=1.0")
+
 
 def beta_at(cfg: Config, epoch: int) -> float:
     """β = β_max · min(1, epoch / warmup) (the reference's linear anneal)."""
@@ -71,11 +87,21 @@ def db_residual(log_f: torch.Tensor, log_pf: torch.Tensor, log_pb: torch.Tensor,
     return log_f + log_pf - log_pb - log_f_next
 
 
-def rloo_advantages(reward: torch.Tensor, clip: float) -> torch.Tensor:
-    """Leave-one-out normalised advantages over the batch (needs N ≥ 2), clipped to ±clip; reward (N,), no grad."""
+def rloo_advantages(reward: torch.Tensor, clip: float, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Leave-one-out normalised advantages over the batch, clipped to ±clip; reward (N,), no grad.
+
+    `valid` (N,) bool leaves padding out of every baseline (their advantage is 0). With fewer
+    than 2 valid samples there is no leave-one-out baseline: advantages are 0 (no PPO signal
+    from that micro-batch; its flow term still trains).
+    """
+    if valid is not None and not bool(valid.all()):
+        out = torch.zeros_like(reward)
+        if int(valid.sum()) >= 2:
+            out[valid] = rloo_advantages(reward[valid], clip)
+        return out
     n = reward.shape[0]
     if n < 2:
-        raise ValueError("DAG-KL needs at least 2 trajectories per micro-batch for its leave-one-out baseline")
+        return torch.zeros_like(reward)
     baseline = (reward.sum() - reward) / (n - 1)
     sq = (reward - baseline) ** 2
     var = (sq.sum() - sq) / (n - 1)
@@ -125,18 +151,20 @@ class DAG(Algorithm):
         return {}
 
     def trained_steps(self, num_steps: int) -> int:
-        return max(1, int(round(num_steps * self.config.timestep_fraction)))
+        return trained_steps(num_steps, self.config.timestep_fraction)
 
     def _chunks(self, minibatch: Trajectory) -> int:
         return math.ceil(len(minibatch) / self.config.train_batch_size)
 
+    def prepare_batch(self, policy, batch: Trajectory) -> Trajectory:
+        """DAG-KL: log π_prox for the decoupled PPO term (DB needs no ratio)."""
+        return attach_proximal_log_probs(policy, batch) if self.config.variant == "kl" else batch
+
     def minibatches(self, batch, rng: torch.Generator) -> Iterator:
-        """Per inner epoch: shuffle, then pieces of train_batch_size × gradient_accumulation_steps (one optimiser step each)."""
-        size = min(self.config.train_batch_size * self.config.gradient_accumulation_steps, len(batch))
-        for _ in range(self.config.num_inner_epochs):
-            perm = torch.randperm(len(batch), generator=rng)
-            for start in range(0, len(batch) - size + 1, size):
-                yield batch.index(perm[start:start + size])
+        """Per inner epoch: shuffle, then ceil(N / (train_batch_size × gradient_accumulation_steps)) near-equal
+        pieces (one optimiser step each; no sample dropped, counts depend only on N)."""
+        yield from shuffled_pieces(batch, self.config.train_batch_size * self.config.gradient_accumulation_steps,
+                                   self.config.num_inner_epochs, rng)
 
     def micro_steps_per_update(self, minibatch: Trajectory) -> int:
         return self._chunks(minibatch) * self.trained_steps(minibatch.log_probs.shape[1])
@@ -160,22 +188,22 @@ class DAG(Algorithm):
         delta = db_residual(log_f, log_pf, log_pb, log_f_next)
         parts = {"db_loss": delta.detach() ** 2, "log_pf": log_pf.detach(), "log_pb": log_pb.detach(),
                  "log_flow": log_f.detach(), "step_reward": step_r[:, j]}
+        w = batch.weights.to(dev) if batch.weights is not None else None
         if cfg.variant == "db":
             per = delta**2
         else:
             per_flow = db_residual(log_f, log_pf.detach(), log_pb, log_f_next) ** 2
-            adv = rloo_advantages(-delta.detach(), cfg.adv_clip_max)
-            ratio = torch.exp(log_pf - batch.log_probs[:, j].to(dev))
-            ppo = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range))
+            adv = rloo_advantages(-delta.detach(), cfg.adv_clip_max, None if w is None else w > 0)
+            behaviour = batch.log_probs[:, j].to(dev)
+            prox = batch.extras[PROX_KEY][:, j].to(dev) if PROX_KEY in batch.extras else behaviour
+            ppo, stats = decoupled_ppo_terms(log_pf, prox, behaviour, adv, cfg.clip_range, cfg.is_clip)
             per = per_flow + cfg.klpf * ppo
-            parts.update(loss_klpf=ppo.detach(), ratio=ratio.detach(),
-                         clipfrac=((ratio.detach() - 1).abs() > cfg.clip_range).float())
+            parts.update(loss_klpf=ppo.detach(), **{k: torch.tensor(v) for k, v in stats.items()})
         if cfg.proximal_coef > 0:
             eps_old = batch.extras["eps"][:, j].to(dev, eps.dtype)
             prox = ((eps - eps_old) ** 2).float().mean(dim=(1, 2, 3))
             per = per + cfg.proximal_coef * prox
             parts["proximal"] = prox.detach()
-        w = batch.weights.to(dev) if batch.weights is not None else None
         loss = (per * w).mean() if w is not None else per.mean()
         return loss, parts
 
@@ -187,6 +215,7 @@ class DAG(Algorithm):
         steps = torch.randperm(T, generator=rng)[: self.trained_steps(T)].tolist()
         bs = self.config.train_batch_size
         sums: dict[str, float] = defaultdict(float)
+        maxes: dict[str, float] = {}
         n_terms = 0
         for start in range(0, len(batch), bs):
             micro = batch.index(list(range(start, min(start + bs, len(batch)))))
@@ -195,9 +224,13 @@ class DAG(Algorithm):
                 optimizer.backward(loss)
                 sums["loss"] += loss.item()
                 for k, v in parts.items():
-                    sums[k] += v.float().mean().item()
+                    if k.endswith("max_dev"):
+                        maxes[k] = max(maxes.get(k, 0.0), v.float().max().item())
+                    else:
+                        sums[k] += v.float().mean().item()
                 n_terms += 1
         metrics = {k: v / n_terms for k, v in sums.items()}
+        metrics.update(maxes)
         metrics["beta"] = float(batch.extras["beta"][0])
         # Reward round trips behind this batch: per rollout batch 1 (final) + ceil(N·T / rollout.decode_chunk)
         # (all T intermediate x̂_0, decoded and scored chunk by chunk), versus T + 1 scoring one timestep per call.

@@ -13,19 +13,15 @@ trajectory's reward r(x_0, c) and per-prompt normalised advantage
 averaged over the batch and accumulated over the trained timesteps into one
 optimiser step per minibatch. log π is averaged over C·H·W (as the reference).
 
-Stale batches (made by version v, trained at u > v, asynchronous mode):
-- `off_policy: reparam` (default) re-scores each step's sampling noise ε under the
-  current weights, x' = sg(μ_θ(x_t)) + σ_t ε, so the loss is −A·exp(log π_θ(x') −
-  sg(log π_θ(x'))): the on-policy score of the same noise. Re-scoring the stored
-  x_{t-1} instead adds a term −(μ_θ − μ_v)/σ_t² that pulls the policy back to the
-  old one, huge at late low-σ steps; with log-probs averaged over C·H·W no
-  importance weight can undo it (the true density ratio is exp(C·H·W × mean)).
-- `truncated_is`: current policy as proximal policy (decoupled PPO, Hilton et al.
-  2021), weight w = min(π_u/π_v, c̄) per step, baseline re-centred under w.
-- `ppo`: plain clipped ratio against the behaviour policy.
-On the tiny CPU run at staleness 1–2 the last two did not learn (ppo drove the
-reward down); see docs/algorithms/ddpo.md. Fresh batches (staleness 0) always
-use the exact clipped objective above.
+Stale batches (asynchronous mode, made by version v, trained at u > v) use the
+decoupled objective of `algorithms/common.py`: the learner scores each batch once
+under its weights at arrival (π_prox, no grad), then per step
+
+    L_t = w · max(−A ρ_t, −A clip(ρ_t, 1 − ε, 1 + ε)),
+    ρ_t = exp(log π_θ − log π_prox),   w = min(exp(log π_prox − log π_old), c̄).
+
+At staleness 0, π_prox = π_old (the stored log-probs), w = 1: exactly the loss above.
+Ratios are geometric means over C·H·W (log-probs are means); c̄ = `is_clip`.
 """
 
 from __future__ import annotations
@@ -38,16 +34,8 @@ import torch
 from pydantic import Field
 
 from raydiff.algorithms.base import Algorithm, Needs
-from raydiff.config_base import Section
+from raydiff.algorithms.common import PROX_KEY, AsyncAlgorithmConfig, StepAverager, attach_proximal_log_probs, decoupled_ppo_loss, trained_steps
 from raydiff.types import Trajectory
-
-
-class AsyncAlgorithmConfig(Section):
-    """Fields every rollout-based (async) algorithm shares with the learner loop."""
-
-    train_batch_size: int = Field(8, ge=1, description="Trajectories per minibatch per learner worker (one optimiser step each).")
-    num_inner_epochs: int = Field(1, ge=1, description="Passes over each epoch's trajectories (ddpo-pytorch: 1).")
-    timestep_fraction: float = Field(1.0, gt=0, le=1, description="Fraction of the T steps trained per minibatch (random subset).")
 
 
 class Config(AsyncAlgorithmConfig):
@@ -57,8 +45,6 @@ class Config(AsyncAlgorithmConfig):
     per_prompt_stat_tracking: bool = Field(True, description="Normalise rewards per prompt (else over the batch).")
     stat_buffer_size: int = Field(16, ge=1, description="Rewards kept per prompt for its mean/std.")
     stat_min_count: int = Field(16, ge=1, description="Rewards a prompt needs before its own statistics are used.")
-    off_policy: Literal["reparam", "truncated_is", "ppo"] = Field("reparam", description="Stale batches: re-score the sampling noise under current weights (reparam), truncated importance weights, or plain PPO ratios.")
-    is_clip: float = Field(1.0, gt=0, description="Truncation c̄ of the per-step importance weight π_current/π_behaviour for stale batches.")
 
 
 class PerPromptStats:
@@ -91,20 +77,8 @@ class PerPromptStats:
 
 
 def ppo_clipped_loss(log_prob, old_log_prob, advantages, clip_range, weights=None):
-    """Clipped PPO surrogate (to minimise) and its statistics; inputs (N,)."""
-    ratio = torch.exp(log_prob - old_log_prob)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    per_sample = torch.maximum(unclipped, clipped)
-    loss = (per_sample * weights).mean() if weights is not None else per_sample.mean()
-    with torch.no_grad():
-        stats = {
-            "approx_kl": 0.5 * ((log_prob - old_log_prob) ** 2).mean().item(),
-            "clipfrac": (torch.abs(ratio - 1.0) > clip_range).float().mean().item(),
-            "ratio_mean": ratio.mean().item(),
-            "ratio_max_dev": (ratio - 1.0).abs().max().item(),
-        }
-    return loss, stats
+    """On-policy clipped PPO surrogate (the decoupled loss with π_prox = π_old, w = 1); inputs (N,)."""
+    return decoupled_ppo_loss(log_prob, old_log_prob, old_log_prob, advantages, clip_range, float("inf"), weights)
 
 
 class DDPO(Algorithm):
@@ -115,11 +89,11 @@ class DDPO(Algorithm):
         self.stats = PerPromptStats(config.stat_buffer_size, config.stat_min_count)
 
     def trained_steps(self, num_steps: int) -> int:
-        return max(1, int(round(num_steps * self.config.timestep_fraction)))
+        return trained_steps(num_steps, self.config.timestep_fraction)
 
     @property
     def needs(self) -> Needs:
-        return Needs(mode="async", keep_noise=True)
+        return Needs(mode="async")
 
     def micro_steps_per_update(self, minibatch: Trajectory) -> int:
         return self.trained_steps(minibatch.log_probs.shape[1])
@@ -133,36 +107,24 @@ class DDPO(Algorithm):
         batch.advantages = torch.as_tensor(adv, dtype=torch.float32)
         return batch
 
+    def prepare_batch(self, policy, batch: Trajectory) -> Trajectory:
+        return attach_proximal_log_probs(policy, batch)
+
     def train_step(self, policy, optimizer, batch: Trajectory, rng: torch.Generator) -> dict[str, float]:
         T = batch.log_probs.shape[1]
         steps = torch.randperm(T, generator=rng)[: self.trained_steps(T)].tolist()
-        adv = batch.advantages.clamp(-self.config.adv_clip_max, self.config.adv_clip_max).to(policy.device)
-        weights = batch.weights.to(policy.device) if batch.weights is not None else None
-        totals: dict[str, float] = defaultdict(float)
-        mode = self.config.off_policy if batch.staleness > 0 else "on_policy"
+        dev = policy.device
+        adv = batch.advantages.clamp(-self.config.adv_clip_max, self.config.adv_clip_max).to(dev)
+        weights = batch.weights.to(dev) if batch.weights is not None else None
+        prox = batch.extras[PROX_KEY] if PROX_KEY in batch.extras else batch.log_probs  # no prepare_batch: on-policy
+        avg = StepAverager(len(steps))
         for j in steps:
-            old = batch.log_probs[:, j].to(policy.device)
-            if mode == "reparam":
-                log_prob, stored = policy.log_prob_reparam(batch, j)
-                loss, stats = ppo_clipped_loss(log_prob, log_prob.detach(), adv, self.config.clip_range, weights)
-                stats["behaviour_approx_kl"] = 0.5 * ((stored - old) ** 2).mean().item()
-            elif mode == "truncated_is":
-                log_prob = policy.log_prob(batch, j)
-                is_w = torch.exp(log_prob.detach() - old).clamp(max=self.config.is_clip)
-                w = is_w if weights is None else is_w * weights
-                # Baseline under the re-weighted batch keeps sum(w * A) = 0.
-                adv_w = adv - (w * adv).sum() / w.sum().clamp_min(1e-8)
-                loss, stats = ppo_clipped_loss(log_prob, log_prob.detach(), adv_w, self.config.clip_range, w)
-                stats["is_weight_mean"] = is_w.mean().item()
-                stats["behaviour_approx_kl"] = 0.5 * ((log_prob.detach() - old) ** 2).mean().item()
-            else:  # fresh batch, or off_policy=ppo
-                log_prob = policy.log_prob(batch, j)
-                loss, stats = ppo_clipped_loss(log_prob, old, adv, self.config.clip_range, weights)
+            log_prob = policy.log_prob(batch, j)
+            loss, stats = decoupled_ppo_loss(log_prob, prox[:, j].to(dev), batch.log_probs[:, j].to(dev), adv,
+                                             self.config.clip_range, self.config.is_clip, weights)
             optimizer.backward(loss)
-            totals["loss"] += loss.item() / len(steps)
-            for k, v in stats.items():
-                totals[k] = max(totals[k], v) if k == "ratio_max_dev" else totals[k] + v / len(steps)
-        return dict(totals)
+            avg.add({"loss": loss.item(), **stats})
+        return avg.result()
 
     def state_dict(self) -> dict:
         return {"per_prompt_stats": self.stats.state_dict()}

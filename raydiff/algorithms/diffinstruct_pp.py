@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from raydiff.algorithms.base import Algorithm, Needs
 from raydiff.config_base import ConfigError, Section
@@ -60,7 +60,8 @@ from raydiff.types import Conditioning
 class Config(Section):
     name: Literal["diffinstruct_pp"] = Field("diffinstruct_pp", description="Algorithm name.")
     t_star: int = Field(999, ge=0, description="Generator timestep t*: x_0 = (z − σ_t* ε_θ(z, t*, c))/√ᾱ_t*, z ~ N(0, I). Keep the same value to generate from the export (OneStepPipeline).")
-    generator_path: Optional[str] = Field(None, description="Initialise the generator from a distilled one-step checkpoint: a LoRA export folder or .safetensors (model.finetune=lora) or a diffusers UNet folder (model.finetune=full); None = the reference UNet at t*.")
+    generator_path: Optional[str] = Field(None, description="The distilled one-step generator to align (the paper's regime): a LoRA export folder or .safetensors (model.finetune=lora) or a diffusers UNet folder (model.finetune=full). Required unless distill_from_reference.")
+    distill_from_reference: bool = Field(False, description="Start the generator from the reference UNet at t* instead of generator_path: distillation and alignment at once (the tiny CPU configs), not the paper's setting.")
     reward_weight: float = Field(1.0, ge=0, description="α: weight of −E[r(x_0, c)] (reward = weighted sum of reward.components, all differentiable). Trades reward against the per-dimension IKL.")
     ref_guidance_scale: float = Field(1.0, ge=0, description="ω: CFG scale of the reference score s_ref^ω the IKL pulls towards (1 = conditional only, no extra branch; paper/DMD2 use larger values, e.g. 4.5-8 for SD).")
     cfg_reward_weight: float = Field(0.0, ge=0, description="β: weight of the CFG implicit reward log p_ref(c|x_t); equivalent to adding β to ref_guidance_scale. 0 = off.")
@@ -71,6 +72,17 @@ class Config(Section):
     generator_steps: int = Field(1, ge=1, description="Generator updates per prompt batch (each preceded by assistant_steps ψ updates); all use the batch's prompts with fresh noise.")
     assistant_lr: Optional[float] = Field(None, gt=0, description="Assistant learning rate; None = learner.learning_rate.")
     assistant_weight_decay: Optional[float] = Field(None, ge=0, description="Assistant AdamW weight decay; None = learner.weight_decay.")
+
+    @model_validator(mode="after")
+    def _generator_source(self) -> "Config":
+        if self.generator_path is None and not self.distill_from_reference:
+            raise ValueError("algorithm.generator_path is required: Diff-Instruct++ aligns an already distilled one-step "
+                             "generator (e.g. a DMD2 LoRA export folder); set algorithm.generator_path=DIR, or "
+                             "algorithm.distill_from_reference=true to start from the reference UNet at t* "
+                             "(distillation + alignment at once, as the tiny configs do)")
+        if self.generator_path is not None and self.distill_from_reference:
+            raise ValueError("algorithm.generator_path and algorithm.distill_from_reference=true exclude each other: pick one")
+        return self
 
 
 class AssistantDiffusion(torch.nn.Module):

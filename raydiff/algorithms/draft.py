@@ -8,13 +8,14 @@ before runs under no_grad, x detached there):
 
     ∇θ L = −∇θ r̃(x_0, c),   x_0 depends on θ only through steps T−K+1..T of the chain
 
-DRaFT-LV (`variant: lv`): K = 1 plus n extra low-variance estimates. With t_1 the last
-step's timestep and ε'_i ~ N(0, I):
+DRaFT-LV (`variant: lv`, Clark et al. Algorithm 2): the whole chain runs without
+gradients; n re-noised copies of its x_0 are denoised by one differentiated step.
+With t_1 the last step's timestep and ε'_i ~ N(0, I):
 
     x'_i = √ᾱ_{t_1} · sg(x_0) + √(1 − ᾱ_{t_1}) · ε'_i,   x̃_0^i = DDIM-step_θ(x'_i, t_1)
-    L = −(1/(n+1)) · [ r̃(x_0, c) + Σ_{i=1..n} r̃(x̃_0^i, c) ] + reg
+    L = −(1/n) · Σ_{i=1..n} r̃(x̃_0^i, c) + reg
 
-(the chain's own last step is the 0-th estimate; the paper's default n = 2).
+(the paper's default n = 2; the chain's own x_0 is only reported as reward/mean).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from raydiff.sampling.differentiable import GradPlan, last_k
 
 class Config(RewardBackpropConfig):
     name: Literal["draft"] = Field("draft", description="Algorithm name.")
-    variant: Literal["k", "lv"] = Field("k", description="k: backprop through the last `k` steps; lv: K = 1 plus `lv_renoise` re-noised one-step estimates.")
-    k: int = Field(1, ge=1, description="DRaFT-K: steps at the end of the chain with gradients (paper: 1 works best; clipped to sampling.num_steps). Ignored by lv (K = 1).")
+    variant: Literal["k", "lv"] = Field("k", description="k: backprop through the last `k` steps; lv: the chain without gradients plus `lv_renoise` re-noised one-step estimates.")
+    k: int = Field(1, ge=1, description="DRaFT-K: steps at the end of the chain with gradients (paper: 1 works best; clipped to sampling.num_steps). Ignored by lv.")
     lv_renoise: int = Field(2, ge=1, description="DRaFT-LV: extra re-noisings n of x_0 to the last step's noise level (one differentiated UNet call + one VAE decode each).")
 
 
@@ -41,7 +42,7 @@ class DRaFT(RewardBackprop):
     def plan(self, num_steps: int, rng: random.Random) -> GradPlan:
         c = self.config
         if c.variant == "lv":
-            return last_k(num_steps, 1, lv_renoise=c.lv_renoise)
+            return last_k(num_steps, 0, lv_renoise=c.lv_renoise)  # no gradient through the chain itself
         return last_k(num_steps, c.k)
 
 

@@ -2,8 +2,8 @@
 
 u − v ≤ max_staleness: used as is. Beyond: `drop` (re-sample with fresh weights)
 or `keep` (train with importance weight `stale_weight ** (u − v − max_staleness)`).
-The PPO ratio already corrects for the behaviour policy; the weight only damps
-batches that are older than the bound allows.
+The decoupled PPO objective (algorithms/common.py) corrects for the behaviour
+policy; the weight only damps batches that are older than the bound allows.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ class StalenessGate:
         if staleness < 0:
             raise RuntimeError(f"batch from future version {batch.version} at learner version {learner_version}: weight sync is broken")
         self.histogram[staleness] += 1
-        batch.staleness = staleness
+        batch.staleness = torch.full((len(batch),), staleness, dtype=torch.int64)  # per sample: batches get concatenated
+        batch.max_staleness = staleness
         if staleness <= self.max_staleness:
             return batch
         if self.policy == "drop":

@@ -78,7 +78,9 @@ def deepspeed_config(learner_cfg, accumulation_steps: int, use_gpu: bool) -> dic
     cfg = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": int(max(1, accumulation_steps)),
-        "gradient_clipping": float(learner_cfg.max_grad_norm),
+        # 0: DeepSpeed would clip all groups by one global norm; DeepSpeedStepper clips each
+        # optimiser group (LoRA, DAG's flow net, ...) by its own norm instead (see _GroupClipper).
+        "gradient_clipping": 0.0,
         "zero_optimization": {"stage": int(learner_cfg.zero_stage)},
         "bf16": {"enabled": bool(use_gpu)},  # fp32 on CPU: gloo + CPU kernels, bit-exact tests
         "optimizer": {
@@ -96,7 +98,65 @@ def deepspeed_config(learner_cfg, accumulation_steps: int, use_gpu: bool) -> dic
         "steps_per_print": 2**31 - 1,  # no DeepSpeed progress lines; raydiff logs metrics itself
         "wall_clock_breakdown": False,
     }
-    return deep_merge(cfg, dict(learner_cfg.deepspeed or {}))
+    out = deep_merge(cfg, dict(learner_cfg.deepspeed or {}))
+    if out.get("gradient_clipping", 0.0):
+        raise ValueError("learner.deepspeed.gradient_clipping: raydiff clips each optimiser group by learner.max_grad_norm "
+                         "itself; set learner.max_grad_norm instead")
+    return out
+
+
+def _inner_torch_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer DeepSpeed steps (inside its ZeRO / bf16 wrappers)."""
+    opt = optimizer
+    while not isinstance(opt, torch.optim.Optimizer):
+        opt = opt.optimizer
+    return opt
+
+
+class _GroupClipper:
+    """Step pre-hook on DeepSpeed's inner torch optimizer: per-group clipping and frozen groups.
+
+    Runs after DeepSpeed has reduced (and, under ZeRO, partitioned) the gradients and
+    right before the inner AdamW updates. ZeRO-1/2 step one group at a time
+    (`param_groups` = [that group]); ZeRO-3 one sub-group at a time (the others' `params`
+    emptied); bf16/stage 0 all at once. Groups are recognised by identity. For each
+    group with gradients:
+    - frozen (not in `backward(groups=...)`): grads set to None, so torch's AdamW skips
+      those params entirely: no moment decay, no step count, no weight decay;
+    - else its norm: local squared norm, summed over ranks when the grads are partitions
+      (any DeepSpeed wrapper), and the grads scaled to `max_norm` as clip_grad_norm_ does.
+    Every rank calls the hook for the same groups in the same order, so the all-reduce
+    is a matched collective.
+    """
+
+    def __init__(self, inner: torch.optim.Optimizer, names: list[str], max_norm: float, partitioned: bool):
+        self.names = {id(g): n for g, n in zip(inner.param_groups, names)}
+        self.max_norm, self.partitioned = max_norm, partitioned
+        self.frozen: set[str] = set()
+        self.norms: dict[str, float] = {}
+        inner.register_step_pre_hook(self)
+
+    def __call__(self, optimizer, args, kwargs):
+        import torch.distributed as dist
+
+        for group in optimizer.param_groups:
+            grads = [p.grad for p in group["params"] if p.grad is not None]
+            name = self.names.get(id(group))
+            if not grads or name is None:
+                continue
+            if name in self.frozen:
+                for p in group["params"]:
+                    p.grad = None
+                continue
+            sq = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
+            if self.partitioned and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(sq)
+            norm = float(sq.sqrt())
+            self.norms[name] = norm
+            coef = self.max_norm / (norm + 1e-6)
+            if coef < 1.0:
+                for g in grads:
+                    g.mul_(coef)
 
 
 def _skip_cpu_shm_comm_op() -> None:
@@ -159,8 +219,14 @@ class DeepSpeedStepper:
         self.zero_stage = int(config["zero_optimization"]["stage"])
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, model_parameters=ds_groups, config=config)
         self.params = params
-        self.group_grad_norms: dict[str, float] = {}  # DeepSpeed clips all groups by one global norm
         self.group_names = [g.get("name", str(i)) for i, g in enumerate(groups)]  # order of optimizer.param_groups
+        inner = _inner_torch_optimizer(self.optimizer)
+        if self.zero_stage == 3 and len(getattr(self.optimizer, "fp32_partitioned_groups_flat", groups)) != len(groups):
+            raise ValueError("ZeRO-3 split an optimiser group into several sub-groups, so per-group clipping would clip "
+                             "each piece alone: raise learner.deepspeed.zero_optimization.sub_group_size")
+        self.clipper = _GroupClipper(inner, self.group_names, float(learner_cfg.max_grad_norm),
+                                     partitioned=inner is not self.optimizer)
+        self.group_grad_norms = self.clipper.norms  # name -> norm at the last step that trained the group
 
     # -- stepping ---------------------------------------------------------------------------
     @property
@@ -193,10 +259,9 @@ class DeepSpeedStepper:
         """engine.backward (loss scaled by 1/accumulation) + engine.step; True when the weights changed.
 
         `groups` (names) steps only those optimiser groups at this boundary, as in
-        TorchStepper: the others get lr = 0 for the step, so their weights do not move
-        (AdamW's decoupled decay is lr·wd, also 0). Unlike TorchStepper, ZeRO fills their
-        missing grads with zeros, so their Adam moments still decay by β1/β2 and their
-        step count advances; clipping stays one global norm over all groups.
+        TorchStepper: `_GroupClipper` drops the other groups' (zero-filled) grads right
+        before AdamW, which then skips them: weights, Adam moments and step counts of the
+        idle groups stay exactly as they were. Each stepped group is clipped by its own norm.
 
         Invariant: every rank calls backward the same number of times with the
         same accumulation, because the boundary call all-reduces (ZeRO-0/1),
@@ -208,25 +273,19 @@ class DeepSpeedStepper:
         self.engine.set_gradient_accumulation_boundary(boundary)
         before = self.engine.global_steps
         self.engine.backward(loss)
-        frozen = []
         if groups is not None and boundary:
             unknown = sorted(set(groups) - set(self.group_names))
             if unknown:
                 raise ValueError(f"unknown optimiser groups {unknown}; groups are {self.group_names}")
-            for name, pg in zip(self.group_names, self.optimizer.param_groups):
-                if name not in groups:
-                    frozen.append((pg, pg["lr"]))
-                    pg["lr"] = 0.0
+            self.clipper.frozen = set(self.group_names) - set(groups)
         try:
             self.engine.step()
         finally:
-            for pg, lr in frozen:
-                pg["lr"] = lr
+            self.clipper.frozen = set()
         self.micro_step = 0 if boundary else self.micro_step + 1
         stepped = self.engine.global_steps > before
-        if stepped:
-            norm = self.engine.get_global_grad_norm()
-            self.last_grad_norm = float(norm) if norm is not None else float("nan")
+        if stepped and self.group_names[0] in self.group_grad_norms:
+            self.last_grad_norm = self.group_grad_norms[self.group_names[0]]
         return stepped
 
     # -- weights ----------------------------------------------------------------------------

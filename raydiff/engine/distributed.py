@@ -6,9 +6,10 @@
     into the object store and only its ObjectRef travels back to the driver.
 
 Invariant: every rank runs every task in the same order with the same number of
-backward calls (the DeepSpeed boundary step is a collective); shards therefore
-differ in size by at most one sample and minibatch counts come from the
-algorithm's config, not the shard length.
+backward calls (the DeepSpeed boundary step is a collective) and the same
+forwards (ZeRO-3 all-gathers parameters in every forward); trajectory shards are
+therefore padded to equal length with zero-weight copies, and minibatch counts
+depend only on that length.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from raydiff.engine.learner import Learner
 from raydiff.models.lora import export_weights, state_checksum
+from raydiff.types import Trajectory
 
 
 class _Container(torch.nn.Module):
@@ -137,12 +139,21 @@ class GroupLearnerHandle:
 
     def train(self, batch) -> dict:
         shards = [batch.shard(r, self.world) for r in range(self.world)]
+        if isinstance(batch, Trajectory):
+            # Equal shard lengths on every rank, so every rank makes the same number of
+            # backward calls (a DeepSpeed boundary step is a collective): the short ones get
+            # a zero-weight copy of a sample (Trajectory.pad_to).
+            longest = max(len(s) for s in shards)
+            shards = [s.pad_to(longest) for s in shards]
         results = self.group.run([("train", s, self.version + 1) for s in shards])
         self.version += 1
         merged = {}
         for k, v in results[0].items():
             vals = [r[k] for r in results if k in r]
-            merged[k] = sum(vals) / len(vals) if isinstance(v, (int, float)) else v
+            if not isinstance(v, (int, float)):
+                merged[k] = v
+            else:
+                merged[k] = max(vals) if k.endswith("max_dev") else sum(vals) / len(vals)
         return merged
 
     def publish(self):

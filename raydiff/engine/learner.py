@@ -52,14 +52,21 @@ class Learner:
         t0 = time.perf_counter()
         sums: dict[str, float] = defaultdict(float)
         extra: dict = {}
+        maxes: dict[str, float] = {}
         count = 0
         self.model.unet.train()
+        t_prep = time.perf_counter()
+        batch = self.algorithm.prepare_batch(self.policy, batch)  # once, before the first optimiser step on it
+        t_prep = time.perf_counter() - t_prep
         for minibatch in self.algorithm.minibatches(batch, self.rng):
             self.stepper.set_accumulation(self.algorithm.micro_steps_per_update(minibatch))
             metrics = self.algorithm.train_step(self.policy, self.stepper, minibatch, self.rng)
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
-                    sums[k] += v
+                    if k.endswith("max_dev"):  # worst case over minibatches, not their mean
+                        maxes[k] = max(maxes.get(k, v), v)
+                    else:
+                        sums[k] += v
                 else:
                     extra[k] = v
             count += 1
@@ -67,8 +74,9 @@ class Learner:
         self.version += 1
         # Bare names go under train/; names an algorithm already namespaced (reward/mean, grad/norm) stay as they are.
         out = {(k if "/" in k else f"train/{k}"): v / max(count, 1) for k, v in sums.items()}
+        out.update({(k if "/" in k else f"train/{k}"): v for k, v in maxes.items()})
         out.update({"train/grad_norm": self.stepper.last_grad_norm, "train/optimizer_steps": self.stepper.global_step,
-                    "time/learner_step_s": time.perf_counter() - t0})
+                    "time/learner_step_s": time.perf_counter() - t0, "time/learner_prepare_s": t_prep})
         out.update({f"train/grad_norm_{k}": v for k, v in self.stepper.group_grad_norms.items() if k != "policy"})
         out.update(extra)
         return out

@@ -40,18 +40,3 @@ class Policy:
 
     def log_prob(self, batch: Trajectory, j: int) -> torch.Tensor:
         return self.step(batch, j)[0].log_prob
-
-    def log_prob_reparam(self, batch: Trajectory, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """log p_θ of x'_{t-1} = sg(μ_θ(x_t)) + σ_t ε_j, ε_j the noise drawn at sampling time.
-
-        Its value equals the sampled log-prob; its gradient, (ε_j/σ_t)·∇μ_θ / (C·h·w), is the
-        on-policy score of the same noise under the current weights. For a stale batch this
-        drops the −(μ_θ − μ_old)/σ_t² pull back towards the old policy that re-scoring the
-        stored x_{t-1} would add (large at late, low-σ steps).
-        """
-        from raydiff.sampling.ddim import gaussian_log_prob
-
-        out, _ = self.step(batch, j)
-        noise = batch.extras["noise"][:, j].to(self.device, out.mean.dtype)
-        x_prev = out.mean.detach() + out.std * noise
-        return gaussian_log_prob(x_prev, out.mean, out.std), out.log_prob.detach()

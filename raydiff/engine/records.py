@@ -23,12 +23,13 @@ class ExperienceWriter:
 
     def write(self, step: int, batch, learner_version: int, timings: dict) -> None:
         n = len(batch)
+        staleness = batch.sample_staleness().numpy().astype(np.int64)  # per sample: a batch may mix versions
         cols = {
             "step": np.full(n, step, np.int64),
             "prompt": list(batch.prompts),
             "reward": np.asarray(batch.rewards, np.float32),
-            "policy_version": np.full(n, batch.version, np.int64),
-            "staleness": np.full(n, learner_version - batch.version, np.int64),
+            "policy_version": learner_version - staleness,
+            "staleness": staleness,
         }
         for name, vals in batch.reward_components.items():
             cols[f"reward_{name}"] = np.asarray(vals, np.float32)

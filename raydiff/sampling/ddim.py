@@ -4,8 +4,13 @@ Forked in spirit from diffusers 0.42 `DDIMScheduler.step` (same arithmetic
 order, so eta=0 and eta=1 reproduce the pipeline bit-exactly on CPU) and from
 ddpo-pytorch `diffusers_patch/ddim_with_logprob.py` (log-prob of the Gaussian
 step). Changes from diffusers: returns the mean, std and log-prob; accepts a
-given `prev_sample` to score instead of drawing one; log-prob math in float32
-and averaged over C*H*W (ddpo-pytorch and DAG tune their step sizes for means).
+given `prev_sample` to score instead of drawing one; the step's x̂_0, mean, std and
+log-density in float32 whatever the sample dtype (a drawn x_{t-1} is rounded to
+that dtype *before* it is scored, so the stored log-prob is that of the latent the
+next step consumes); log-prob averaged over C*H*W (ddpo-pytorch and DAG tune their
+step sizes for means); prev_t clamped to ≥ 0 as ddpo-pytorch, so the last step
+uses ᾱ_0 (never σ = 0, whose log-prob is NaN, when `set_alpha_to_one` is true; with
+it false, as in SD/SDXL, ᾱ_0 is diffusers' final value and nothing changes).
 Only epsilon prediction with DDIM's `prev_t = t - T_train / n` is supported.
 """
 
@@ -34,10 +39,8 @@ def alphas_at(scheduler, t: int | torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     if scheduler.num_inference_steps is None:
         raise RuntimeError("call scheduler.set_timesteps(num_steps) before stepping: the log-prob depends on it")
     t = int(t)
-    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    a_t = scheduler.alphas_cumprod[t]
-    a_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
-    return a_t, a_prev, prev_t
+    prev_t = max(0, t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps)  # ddpo-pytorch's clamp
+    return scheduler.alphas_cumprod[t].float(), scheduler.alphas_cumprod[prev_t].float(), prev_t
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -60,9 +63,12 @@ def ddim_step(
     if scheduler.config.prediction_type != "epsilon":
         raise NotImplementedError(f"prediction_type={scheduler.config.prediction_type!r}; raydiff's DDIM step supports epsilon models")
     a_t, a_prev, prev_t = alphas_at(scheduler, t)
-    a_t, a_prev = a_t.to(eps.device), a_prev.to(eps.device)
+    sample_dtype = x_t.dtype
+    step_dtype = torch.promote_types(torch.promote_types(x_t.dtype, eps.dtype), torch.float32)  # fp32, or fp64 when given
+    a_t, a_prev = a_t.to(eps.device, step_dtype), a_prev.to(eps.device, step_dtype)
+    eps32, x_t32 = eps.to(step_dtype), x_t.to(step_dtype)
     beta_t = 1 - a_t
-    x0 = (x_t - beta_t ** (0.5) * eps) / a_t ** (0.5)
+    x0 = (x_t32 - beta_t ** (0.5) * eps32) / a_t ** (0.5)
     if scheduler.config.thresholding:
         raise NotImplementedError("dynamic thresholding is not supported with log-probs")
     if scheduler.config.clip_sample:
@@ -70,14 +76,16 @@ def ddim_step(
         x0 = x0.clamp(-r, r)
     variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
     std = eta * variance ** (0.5)
-    direction = (1 - a_prev - std**2) ** (0.5) * eps
+    direction = (1 - a_prev - std**2) ** (0.5) * eps32
     mean = a_prev ** (0.5) * x0 + direction
     noise = None
     if prev_sample is None:
         prev_sample = mean
         if eta > 0:
+            # Drawn in the model's dtype as diffusers does (same generator stream), applied in fp32.
             noise = randn_tensor(eps.shape, generator=generator, device=eps.device, dtype=eps.dtype)
-            prev_sample = prev_sample + std * noise
+            prev_sample = prev_sample + std * noise.to(step_dtype)
+        prev_sample = prev_sample.to(sample_dtype)  # what the next step consumes; scored as such
     if eta > 0:
         log_prob = gaussian_log_prob(prev_sample, mean, std)
     else:

@@ -1,0 +1,130 @@
+r"""What rollout-based algorithms share: their config fields and the decoupled PPO objective.
+
+Decoupled PPO (Hilton et al. 2021, "Batch size-invariance for policy optimization";
+AReaL's decoupled objective). A batch sampled by the behaviour policy π_b (policy
+version v) reaches the learner at version u ≥ v. Once, before the first optimiser
+step on it and without gradients, the learner scores every stored transition under
+its weights at that moment: π_prox. Per sample i and step t:
+
+    ρ = exp(log π_θ − log π_prox)                  (PPO ratio against the proximal policy)
+    w = min(exp(log π_prox − log π_b), c̄)          (truncated importance weight, constant)
+    L = w · max(−A ρ, −A clip(ρ, 1 − ε, 1 + ε))
+
+At staleness 0 (u = v) the proximal policy *is* the behaviour policy: the stored
+log-probs are used (no re-score), w = 1 and L is exactly the on-policy clipped PPO
+loss of DDPO. Staleness is per sample (a batch may mix versions).
+
+Log-probs are means over C·H·W (as ddpo-pytorch), so ρ and w are per-element
+*geometric means* of the true density ratios (the true ratio is exp(C·H·W × mean)).
+c̄ (`is_clip`, default 2.0) bounds the weight; with mean log-probs w rarely exceeds it.
+
+The gradient of L at θ = prox (the first minibatch of a stale batch) is
+w · (−A) · ∇ log π_θ: the importance-weighted score of the *current* policy, an
+unbiased estimate of its policy gradient when c̄ does not truncate (tests/test_decoupled_ppo.py
+checks it on a Gaussian policy in closed form).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from pydantic import Field
+
+from raydiff.config_base import Section
+from raydiff.types import Trajectory
+
+PROX_KEY = "prox_log_probs"  # extras key: (N, T) log π_prox, written by `attach_proximal_log_probs`
+
+
+class AsyncAlgorithmConfig(Section):
+    """Fields every rollout-based (async) algorithm shares with the learner loop."""
+
+    train_batch_size: int = Field(8, ge=1, description="Trajectories per minibatch per learner worker (one optimiser step each).")
+    num_inner_epochs: int = Field(1, ge=1, description="Passes over each epoch's trajectories (ddpo-pytorch: 1).")
+    timestep_fraction: float = Field(1.0, gt=0, le=1, description="Fraction of the T steps trained per minibatch (random subset, int(T·fraction) of them as the references).")
+    is_clip: float = Field(2.0, ge=1, description="Truncation c̄ of the per-step importance weight min(π_prox/π_behaviour, c̄) for stale samples (geometric-mean ratios).")
+
+    def validate_sampling(self, sampling) -> None:
+        """Rollout log-probs are Gaussian densities: they need η > 0 (η = 0 makes σ_t = 0, log-prob undefined)."""
+        if sampling.eta <= 0:
+            raise ValueError(f"sampling.eta={sampling.eta}: algorithm {self.name!r} trains on per-step log-probs, which need "
+                             "a stochastic DDIM step; set sampling.eta > 0 (1.0 as the references)")
+
+
+def trained_steps(num_steps: int, fraction: float) -> int:
+    """Timesteps trained per minibatch: int(T · fraction) as ddpo-pytorch and DAG, at least 1."""
+    return max(1, int(num_steps * fraction))
+
+
+def attach_proximal_log_probs(policy, batch: Trajectory) -> Trajectory:
+    """Store log π_prox (N, T) in `batch.extras[PROX_KEY]`: current weights, no grad, once per batch.
+
+    Samples with staleness 0 keep their stored behaviour log-probs (π_prox = π_b, no re-score).
+    The re-score runs whenever the *whole* batch has a stale sample (`batch.max_staleness`,
+    identical on every learner rank), over every sample of this shard, one forward per step:
+    all ranks then run the same forwards, as ZeRO-3's parameter all-gathers need.
+    """
+    stored = batch.log_probs.float()
+    if batch.max_staleness == 0:
+        batch.extras[PROX_KEY] = stored.clone()
+        return batch
+    stale = batch.sample_staleness() > 0  # (N,)
+    prox = stored.clone()
+    with torch.no_grad():
+        for j in range(stored.shape[1]):
+            rescored = policy.log_prob(batch, j).float().cpu()
+            prox[:, j] = torch.where(stale, rescored, stored[:, j])
+    batch.extras[PROX_KEY] = prox
+    return batch
+
+
+def decoupled_ppo_loss(log_prob, prox_log_prob, behaviour_log_prob, advantages, clip_range: float, is_clip: float,
+                       weights=None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Decoupled clipped surrogate (to minimise) and its statistics; every input (N,).
+
+    `weights` (N,) are extra per-sample weights (e.g. the staleness gate's damping, 0 for
+    padding); the loss is the mean over N of weights · w · max(−Aρ, −A clip(ρ)).
+    """
+    per_sample, stats = decoupled_ppo_terms(log_prob, prox_log_prob, behaviour_log_prob, advantages, clip_range, is_clip)
+    if weights is not None:
+        per_sample = per_sample * weights
+    return per_sample.mean(), stats
+
+
+def decoupled_ppo_terms(log_prob, prox_log_prob, behaviour_log_prob, advantages, clip_range: float,
+                        is_clip: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Per-sample w · max(−Aρ, −A clip(ρ, 1±ε)) (N,) and the step's ratio / weight statistics."""
+    ratio = torch.exp(log_prob - prox_log_prob)
+    log_w = (prox_log_prob - behaviour_log_prob).detach()
+    is_w_raw = torch.exp(log_w)
+    is_w = is_w_raw.clamp(max=is_clip)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    per_sample = is_w * torch.maximum(unclipped, clipped)
+    with torch.no_grad():
+        stats = {
+            "approx_kl": 0.5 * ((log_prob - prox_log_prob) ** 2).mean().item(),
+            "clipfrac": (torch.abs(ratio - 1.0) > clip_range).float().mean().item(),
+            "ratio_mean": ratio.mean().item(),
+            "ratio_max_dev": (ratio - 1.0).abs().max().item(),
+            "is_weight_mean": is_w.mean().item(),
+            "is_weight_max_dev": (is_w - 1.0).abs().max().item(),
+            "is_truncated_frac": (is_w_raw > is_clip).float().mean().item(),
+            "behaviour_approx_kl": 0.5 * (log_w**2).mean().item(),
+        }
+    return per_sample, stats
+
+
+class StepAverager:
+    """Per-step statistics over the trained timesteps: means, except *_max_dev which keep the maximum."""
+
+    def __init__(self, n: int):
+        self.n, self.totals = n, defaultdict(float)
+
+    def add(self, stats: dict[str, float]) -> None:
+        for k, v in stats.items():
+            self.totals[k] = max(self.totals[k], v) if k.endswith("max_dev") else self.totals[k] + v / self.n
+
+    def result(self) -> dict[str, float]:
+        return dict(self.totals)

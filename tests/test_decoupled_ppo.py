@@ -1,0 +1,178 @@
+"""Decoupled PPO (algorithms/common.py) through DDPO's real train_step, at the gradient level.
+
+Toy policy: 1-D Gaussian N(μ, σ²) over x, reward r(x) = −(x − 2)², J(μ) = E[r] = −(μ − 2)² − σ²,
+so ∇_μ J = −2(μ − 2): 2.0 at μ = 1. Trajectories hold one step (T = 1), log-probs are the
+exact Gaussian log-density (a 1-element mean).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from raydiff.algorithms.common import PROX_KEY, decoupled_ppo_loss
+from raydiff.algorithms.ddpo import DDPO, Config, ppo_clipped_loss
+from raydiff.algorithms.base import shuffled_pieces
+from raydiff.types import Conditioning, Trajectory
+
+SIGMA = 0.5
+
+
+class GaussianPolicy:
+    """The learner's Policy interface (device, log_prob(batch, j)) for x_1 ~ N(μ, σ²)."""
+
+    def __init__(self, mu: float):
+        self.mu = torch.nn.Parameter(torch.tensor(float(mu)))
+        self.device = torch.device("cpu")
+
+    def log_prob(self, batch: Trajectory, j: int) -> torch.Tensor:
+        x = batch.latents[:, j + 1, 0]
+        return torch.distributions.Normal(self.mu, SIGMA).log_prob(x)
+
+
+class GradRecorder:
+    """Stepper interface: backward only (accumulates ∇μ of the loss), or plain SGD steps when lr > 0."""
+
+    def __init__(self, policy: GaussianPolicy, lr: float = 0.0):
+        self.policy, self.lr, self.steps = policy, lr, 0
+
+    def backward(self, loss, groups=None):
+        loss.backward()
+        if self.lr:
+            with torch.no_grad():
+                self.policy.mu -= self.lr * self.policy.mu.grad
+            self.policy.mu.grad = None
+            self.steps += 1
+        return bool(self.lr)
+
+
+def toy_batch(n: int, mu_behaviour: float, staleness: int, seed: int = 0) -> Trajectory:
+    g = torch.Generator().manual_seed(seed)
+    x = mu_behaviour + SIGMA * torch.randn(n, generator=g)
+    lp_b = torch.distributions.Normal(torch.tensor(mu_behaviour), SIGMA).log_prob(x)
+    e = torch.zeros(n, 1, 1)
+    return Trajectory(
+        prompts=["p"] * n, latents=torch.stack([torch.zeros(n), x], dim=1)[:, :, None], timesteps=torch.tensor([1]),
+        log_probs=lp_b[:, None], cond=Conditioning(e, e), images=np.zeros((n, 1, 1, 3), np.uint8), version=0,
+        num_steps=1, guidance_scale=1.0, eta=1.0, rewards=(-(x - 2) ** 2).numpy(),
+        staleness=torch.full((n,), staleness), max_staleness=staleness)
+
+
+def ddpo(**kw) -> DDPO:
+    cfg = Config(per_prompt_stat_tracking=False, clip_range=0.2, **kw)
+    return DDPO(cfg, sampling=None)
+
+
+def per_sample_grads(algo: DDPO, policy: GaussianPolicy, batch: Trajectory) -> torch.Tensor:
+    """−∇_μ loss for each sample alone (the ascent direction), through prepare_batch + train_step."""
+    batch = algo.prepare_batch(policy, batch)
+    out = []
+    for i in range(len(batch)):
+        policy.mu.grad = None
+        algo.train_step(policy, GradRecorder(policy), batch.index([i]), torch.Generator().manual_seed(0))
+        out.append(-policy.mu.grad.item())
+    return torch.tensor(out)
+
+
+def test_stale_gradient_matches_current_policys_true_gradient():
+    """Behaviour μ = 0 (stale), current μ = 1: the mean gradient is ∇J(1) = 2.0 (not the behaviour's 4.0).
+
+    A = r (no baseline, so the estimator is unbiased); c̄ large so nothing is truncated.
+    Tolerance: 4 standard errors of the mean, and the standard error itself below 0.1.
+    """
+    algo = ddpo(is_clip=1e9, adv_clip_max=1e9)
+    batch = toy_batch(4000, 0.0, staleness=2)
+    batch.advantages = torch.as_tensor(batch.rewards, dtype=torch.float32)
+    g = per_sample_grads(algo, GaussianPolicy(1.0), batch)
+    mean, se = g.mean().item(), (g.std() / len(g) ** 0.5).item()
+    assert se < 0.1, se
+    assert abs(mean - 2.0) < 4 * se, (mean, se)
+    assert abs(mean - 4.0) > 10 * se  # the behaviour policy's gradient (a delayed gradient) is far off
+    # The whole batch in one train_step gives the same mean gradient (the loss is a mean over samples).
+    policy = GaussianPolicy(1.0)
+    metrics = algo.train_step(policy, GradRecorder(policy), batch, torch.Generator())
+    assert -policy.mu.grad.item() == pytest.approx(mean, rel=1e-4)
+    assert metrics["ratio_max_dev"] < 1e-6 and metrics["clipfrac"] == 0  # θ = prox on the first minibatch
+    assert metrics["is_weight_max_dev"] > 0.5 and metrics["behaviour_approx_kl"] > 0
+
+
+def test_truncation_bounds_weights():
+    algo = ddpo(is_clip=2.0)
+    batch = toy_batch(512, 0.0, staleness=1)
+    batch = algo.prepare(batch)
+    policy = GaussianPolicy(1.0)
+    metrics = algo.train_step(policy, GradRecorder(policy), algo.prepare_batch(policy, batch), torch.Generator())
+    assert 0 < metrics["is_truncated_frac"] < 1
+    assert metrics["is_weight_max_dev"] == pytest.approx(1.0)  # w ≤ c̄ = 2 and w ≥ 0 hits the bound
+
+
+def test_clip_engages_once_a_step_moves_past_epsilon():
+    """Two inner epochs with SGD: the first minibatch sees ρ ≡ 1, later ones a ratio beyond ε = 0.2."""
+    algo = ddpo(num_inner_epochs=2, train_batch_size=64)
+    policy = GaussianPolicy(1.0)
+    batch = algo.prepare_batch(policy, algo.prepare(toy_batch(128, 0.0, staleness=1)))
+    stepper = GradRecorder(policy, lr=0.5)
+    rng = torch.Generator().manual_seed(0)
+    seen = [algo.train_step(policy, stepper, mb, rng) for mb in algo.minibatches(batch, rng)]
+    assert len(seen) == 4 and stepper.steps == 4
+    assert seen[0]["clipfrac"] == 0 and seen[0]["ratio_max_dev"] < 1e-6
+    assert max(m["clipfrac"] for m in seen[1:]) > 0
+    assert max(m["ratio_max_dev"] for m in seen[1:]) > 0.2
+    # π_prox stays the arrival-time policy: it is not re-evaluated between minibatches.
+    assert torch.equal(batch.extras[PROX_KEY], algo.prepare_batch(GaussianPolicy(1.0), batch).extras[PROX_KEY])
+
+
+def test_staleness_zero_is_fresh_ddpo_exactly():
+    """At staleness 0, π_prox = the stored log-probs (no re-score): loss and gradient equal on-policy clipped PPO."""
+    algo = ddpo()
+    policy = GaussianPolicy(0.3)  # differs from the behaviour μ = 0: a re-score would change π_prox
+
+    def must_not_rescore(batch, j):
+        raise AssertionError("re-scored a fresh batch")
+
+    batch = algo.prepare(toy_batch(64, 0.0, staleness=0))
+    batch = algo.prepare_batch(type("P", (), {"log_prob": must_not_rescore, "device": policy.device})(), batch)
+    assert torch.equal(batch.extras[PROX_KEY], batch.log_probs)
+    metrics = algo.train_step(policy, GradRecorder(policy), batch, torch.Generator())
+    g_decoupled = policy.mu.grad.clone()
+    policy.mu.grad = None
+    lp = policy.log_prob(batch, 0)
+    loss, stats = ppo_clipped_loss(lp, batch.log_probs[:, 0], batch.advantages.clamp(-5, 5), 0.2)
+    loss.backward()
+    assert torch.equal(policy.mu.grad, g_decoupled)
+    assert metrics["loss"] == loss.item() and metrics["clipfrac"] == stats["clipfrac"]
+    assert metrics["is_weight_mean"] == 1.0 and metrics["is_weight_max_dev"] == 0.0
+
+
+def test_mixed_staleness_rescores_only_stale_samples():
+    fresh, stale = toy_batch(4, 0.0, staleness=0, seed=1), toy_batch(4, 0.0, staleness=2, seed=2)
+    batch = Trajectory.cat([fresh, stale])
+    assert batch.sample_staleness().tolist() == [0] * 4 + [2] * 4 and batch.max_staleness == 2
+    algo, policy = ddpo(), GaussianPolicy(0.5)
+    prox = algo.prepare_batch(policy, batch).extras[PROX_KEY]
+    assert torch.equal(prox[:4], batch.log_probs[:4])
+    with torch.no_grad():
+        torch.testing.assert_close(prox[4:, 0], policy.log_prob(batch, 0)[4:])
+    # A shard keeps the batch-level max (every rank re-scores) and its own per-sample staleness.
+    shard = batch.shard(0, 2)
+    assert shard.max_staleness == 2 and shard.sample_staleness().tolist() == [0, 0, 2, 2]
+
+
+def test_loss_hand_computed():
+    lp, prox, beh = torch.tensor([0.1, 0.0]), torch.tensor([0.0, 0.0]), torch.tensor([-0.5, 0.3])
+    adv = torch.tensor([1.0, -2.0])
+    loss, stats = decoupled_ppo_loss(lp, prox, beh, adv, clip_range=0.05, is_clip=1.5)
+    w = np.minimum(np.exp([0.5, -0.3]), 1.5)
+    r = np.exp([0.1, 0.0])
+    per = [w[0] * max(-1 * r[0], -1 * 1.05), w[1] * max(2 * r[1], 2 * 1.0)]
+    assert loss.item() == pytest.approx(np.mean(per), rel=1e-6)
+    assert stats["is_truncated_frac"] == 0.5 and stats["is_weight_max_dev"] == pytest.approx(0.5)
+    assert stats["clipfrac"] == 0.5 and stats["behaviour_approx_kl"] == pytest.approx(0.5 * np.mean([0.25, 0.09]))
+
+
+def test_minibatches_keep_every_sample_and_padding_has_no_weight():
+    batch = toy_batch(10, 0.0, 0)
+    pieces = list(shuffled_pieces(batch, 4, 2, torch.Generator().manual_seed(0)))
+    assert [len(p) for p in pieces] == [4, 3, 3] * 2
+    assert sorted(float(v) for p in pieces[:3] for v in p.latents[:, 1, 0]) == sorted(batch.latents[:, 1, 0].tolist())
+    padded = batch.index([0, 1, 2]).pad_to(5)
+    assert len(padded) == 5 and padded.weights.tolist() == [1, 1, 1, 0, 0]
