@@ -1,4 +1,4 @@
-"""`raydiff` console script: train, make-tiny, serve-rewards."""
+"""`raydiff` console script: train, make-tiny, serve-rewards, eval, doctor."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ COMMANDS = {
     "make-tiny": _make_tiny,
     "serve-rewards": _serve_rewards,
     "eval": lambda argv: __import__("raydiff.eval.cli", fromlist=["main"]).main(argv),
+    "doctor": lambda argv: __import__("raydiff.doctor", fromlist=["main"]).main(argv),
 }
 
 
