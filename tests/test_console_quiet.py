@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,3 +68,4 @@ def test_embedded_default_is_quiet_and_ignores_another_local_cluster(tmp_path):
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(head.pid, signal.SIGKILL)
         kill_own(os.path.join(ray_tmp, "ray"))
+        shutil.rmtree(ray_tmp, ignore_errors=True)

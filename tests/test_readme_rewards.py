@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,6 +45,7 @@ def test_readme_curl_lines_verbatim(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         kill_own(os.path.join(ray_tmp, "ray"))
+        shutil.rmtree(ray_tmp, ignore_errors=True)
         (REPO / "white.png").unlink(missing_ok=True)
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
     replies = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
