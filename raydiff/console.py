@@ -78,6 +78,11 @@ def setup(out_dir: str | Path | None, verbose: bool) -> Path | None:
         return None
     import ray  # noqa: F401 - its import installs a stderr handler on "ray"; replace it, not the other way round
 
+    try:
+        import ray.serve  # noqa: F401 - likewise for "ray.serve" (its INFO lines per deploy/request)
+    except ImportError:
+        pass
+
     log_dir = Path(out_dir) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / "console.log"
