@@ -1,4 +1,4 @@
-"""`raydiff` console script: train, make-tiny, serve-rewards, plan, eval."""
+"""`raydiff` console script: train, make-tiny, serve-rewards, plan, eval, doctor."""
 
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ COMMANDS = {
     "serve-rewards": _serve_rewards,
     "plan": _plan,
     "eval": lambda argv: __import__("raydiff.eval.cli", fromlist=["main"]).main(argv),
+    "doctor": lambda argv: __import__("raydiff.doctor", fromlist=["main"]).main(argv),
 }
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import json
 import sys
+import time
+from pathlib import Path
 
 from raydiff.config import ConfigError, load_config, to_yaml
 
@@ -14,7 +16,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML config (e.g. configs/tiny_ddpo.yaml); omitted = all defaults")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.num_epochs=3")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray/Serve/Train/DeepSpeed internals on the console (default: in RUN_DIR/logs/console.log)")
     return p
+
+
+def final_line(run_dir: Path, wall_s: float, log_file: Path | None) -> str:
+    """The result: last epoch's reward (4 significant digits), wall time, where the outputs are."""
+    from raydiff.console import fmt
+
+    last = {}
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
+        last = json.loads(lines[-1]) if lines else {}
+    reward = f"final reward {fmt(last.get('reward/mean'))}, " if "reward/mean" in last else ""
+    logs = f" (internals: {log_file})" if log_file else ""
+    return f"raydiff: run finished in {fmt(wall_s, 3)} s; {reward}outputs in {run_dir}{logs}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from raydiff import console
+
+    t0 = time.time()
+    log_file = console.setup(cfg.run_dir, args.verbose)
     from raydiff.engine.trainer import Trainer, connect_ray
 
     connect_ray(cfg)
@@ -39,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"raydiff: {e}", file=sys.stderr)
         return 2
-    print(f"raydiff: run finished; outputs in {run_dir}")
+    except BaseException:
+        if log_file:
+            print(f"raydiff: run failed; Ray/DeepSpeed logs in {log_file}", file=sys.stderr)
+        raise
+    print(final_line(run_dir, time.time() - t0, log_file))
     return 0
 
 

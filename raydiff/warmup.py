@@ -11,6 +11,11 @@ import time
 
 
 def main() -> int:
+    import os
+
+    from raydiff.console import worker_env
+
+    os.environ.update(worker_env(verbose=True))  # DS_ACCELERATOR=cpu without a GPU: no probe warning
     t0 = time.time()
     import deepspeed  # noqa: F401
     import diffusers  # noqa: F401

@@ -20,6 +20,8 @@ def private_head():
     tmpdir = f"/tmp/rdjob-{os.getpid()}"  # short: Ray's socket paths must stay under 108 bytes
     dash = free_port()
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    # The job's `python` is looked up on PATH: make it this interpreter (its venv), not a system one.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.pop("RAY_ADDRESS", None)
     subprocess.run(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={free_port()}", f"--temp-dir={tmpdir}",

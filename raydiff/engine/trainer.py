@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from raydiff.algorithms.registry import make_algorithm
 from raydiff.config import RunConfig, to_yaml
+from raydiff.console import epoch_summary, fmt
 from raydiff.engine import checkpoint as ckpt
 from raydiff.engine.buffer import StalenessGate
 from raydiff.engine.metrics import MetricsLogger
@@ -31,18 +32,35 @@ from raydiff.types import PromptBatch, Trajectory
 log = logging.getLogger("raydiff.trainer")
 
 
+def join_address(cfg: RunConfig) -> str | None:
+    """The cluster a run joins: cfg.ray_address, else RAY_ADDRESS (set by `ray job submit`); None = embedded."""
+    return cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+
 def connect_ray(cfg: RunConfig) -> None:
-    """Join RAY_ADDRESS / cfg.ray_address if given, else start an embedded local cluster sized for the job."""
+    """Join `join_address(cfg)` if given, else start an embedded local cluster sized for the job.
+
+    Embedded mode passes address="local": Ray would otherwise join whatever cluster it finds in
+    /tmp/ray/ray_current_cluster (a `ray start` on this machine, even a dead one) and then refuse
+    num_cpus ("When connecting to an existing cluster, num_cpus and num_gpus must not be provided").
+    """
+    from raydiff import console
+
     if ray.is_initialized():
         return
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"RAYDIFF_CACHE": os.environ.get("RAYDIFF_CACHE", "")}} if os.environ.get("RAYDIFF_CACHE") else None
+    address = join_address(cfg)
+    quiet = console.ray_init_kwargs()
     if address:
         # Joining: the cluster (or `ray job submit --runtime-env-json`) owns the runtime env.
-        ray.init(address=address, log_to_driver=True)
-        return
-    demand = cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.learner.num_workers * cfg.learner.num_cpus + 1
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(np.ceil(demand))), include_dashboard=False, runtime_env=env)
+        ray.init(address=address, log_to_driver=True, **quiet)
+    else:
+        env_vars = console.worker_env(console.is_verbose())
+        if os.environ.get("RAYDIFF_CACHE"):
+            env_vars["RAYDIFF_CACHE"] = os.environ["RAYDIFF_CACHE"]
+        demand = cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.learner.num_workers * cfg.learner.num_cpus + 1
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(np.ceil(demand))), include_dashboard=False,
+                 runtime_env={"env_vars": env_vars} if env_vars else None, **quiet)
+    console.after_ray_init()
 
 
 class Trainer:
@@ -138,7 +156,8 @@ class Trainer:
                 if cfg.train.verify_weights_every and (epoch + 1) % cfg.train.verify_weights_every == 0:
                     metrics["policy/weights_consistent"] = self.verify_weights()
                 logger.log(epoch, metrics)
-                bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.4f}")
+                bar.set_postfix(reward=fmt(metrics.get("reward/mean")))
+                bar.write(epoch_summary(epoch, cfg.train.num_epochs, metrics))
                 if cfg.output.image_grid_every and epoch % cfg.output.image_grid_every == 0 and images is not None:
                     logger.log_images(epoch, images[:16], captions[:16])
                 last = epoch == cfg.train.num_epochs - 1

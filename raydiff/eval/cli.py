@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid-prompts", type=int, default=8, help="prompts shown in the image grids")
     p.add_argument("--out", default="eval_out", help="output folder")
     p.add_argument("--ray-address", default=None, help="Ray cluster (default: RAY_ADDRESS or a local one)")
+    p.add_argument("--verbose", action="store_true", help="show Ray/Serve internals on the console (default: OUT/logs/console.log)")
     return p
 
 
@@ -87,16 +88,24 @@ def policies(args) -> list[PolicySpec]:
 
 
 def connect(address: str | None, demand: float) -> None:
+    """Join `address`/RAY_ADDRESS, else start a local cluster of our own (address="local": never a stray one)."""
     import ray
+
+    from raydiff import console
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    quiet = console.ray_init_kwargs()
     if address:
-        ray.init(address=address, log_to_driver=False)
-        return
-    env = {"env_vars": {"RAYDIFF_CACHE": os.environ["RAYDIFF_CACHE"]}} if os.environ.get("RAYDIFF_CACHE") else None
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(demand)), include_dashboard=False, runtime_env=env)
+        ray.init(address=address, log_to_driver=not quiet, **quiet)
+    else:
+        env = console.worker_env(console.is_verbose())
+        if os.environ.get("RAYDIFF_CACHE"):
+            env["RAYDIFF_CACHE"] = os.environ["RAYDIFF_CACHE"]
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(demand)), include_dashboard=False,
+                 runtime_env={"env_vars": env} if env else None, **quiet)
+    console.after_ray_init()
 
 
 def _clean(x):
@@ -158,16 +167,36 @@ def evaluate(args) -> dict:
     return result
 
 
+def summary_table(result: dict) -> str:
+    """Reward means with 95% CIs per policy (and the paired delta), 4 significant digits."""
+    from raydiff.console import fmt
+
+    rows = [("policy", "reward", "mean", "95% CI", "n")]
+    for label, pol in result["policies"].items():
+        for name, s in pol["aggregate"].items():
+            rows.append((label, name, fmt(s["mean"]), f"[{fmt(s['ci_low'])}, {fmt(s['ci_high'])}]", f"{s['n']} {s['unit']}s"))
+    if "comparison" in result:
+        c = result["comparison"]
+        for name, d in c["delta"].items():
+            rows.append((f"{c['a']} − {c['b']}", name, fmt(d["mean"]), f"[{fmt(d['ci_low'])}, {fmt(d['ci_high'])}]", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import ray
+
+    from raydiff import console
+
     args = build_parser().parse_args(argv)
+    if not ray.is_initialized():  # a CLI process: its own console; inside a caller's Ray session leave logging alone
+        console.setup(args.out, args.verbose)
     try:
         result = evaluate(args)
     except ValueError as e:
         print(f"raydiff eval: error: {e}")
         return 2
-    for label, pol in result["policies"].items():
-        s = pol["aggregate"]["total"]
-        print(f"{label}: total reward {s['mean']:.4f} (95% CI {s['ci_low']}, {s['ci_high']}) over {s['n']} {s['unit']}s")
+    print(summary_table(result))
 
     def num(x):  # NaN was written as null
         return "n/a" if x is None else f"{x:.3f}"
@@ -175,8 +204,5 @@ def main(argv: list[str] | None = None) -> int:
     for label, table in (result.get("geneval") or {}).get("policies", {}).items():
         tags = ", ".join(f"{t} {num(r['accuracy'])}" for t, r in table["tags"].items())
         print(f"{label}: GenEval overall {num(table['overall'])} ({tags})")
-    if "comparison" in result:
-        d = result["comparison"]["delta"]["total"]
-        print(f"delta {result['comparison']['a']} − {result['comparison']['b']}: {d['mean']:.4f} (95% CI {d['ci_low']}, {d['ci_high']})")
     print(f"wrote {result['files']['json']}")
     return 0
