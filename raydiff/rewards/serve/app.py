@@ -78,6 +78,12 @@ def app_builder(args: dict) -> serve.Application:
     return build_app(load_service_config(path, **args))
 
 
+def _ray_address() -> str:
+    """Join RAY_ADDRESS when set, else start a local cluster of our own (as the trainer's embedded
+    mode): a bare ray.init() would join any `ray start` cluster whose address file it finds."""
+    return os.environ.get("RAY_ADDRESS") or "local"
+
+
 def deploy(cfg: RewardServiceConfig, blocking: bool = False) -> str:
     """Start Serve's HTTP proxy at cfg.host:cfg.port (if not running) and deploy the app; returns its URL.
 
@@ -87,7 +93,7 @@ def deploy(cfg: RewardServiceConfig, blocking: bool = False) -> str:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None)
+        ray.init(address=_ray_address())
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, proxy_location=cfg.proxy_location)
     if plan_app(cfg, app_hash(cfg)) == "reuse":
         return cfg.url()
@@ -107,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     cfg = load_service_config(a.config, host=a.host, port=a.port)
     joined = bool(os.environ.get("RAY_ADDRESS"))
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None)
+    ray.init(address=_ray_address())
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
