@@ -225,3 +225,26 @@ def test_zero_learner_in_ray_train(ray_cluster, tiny_sd, tmp_path, stage):
             assert [x["checksum"] for x in e] == [c[0]["checksum"]] * 2 and e[0]["global_step"] == 2
     finally:
         group.shutdown()
+
+
+def test_restart_voids_every_pre_restart_result(ray_cluster):
+    """After a group restart, a slow rank's pre-restart result never completes a batch with a fast rank's
+    post-restart one (the race that made rank 0 report rolled-forward weights under load)."""
+    import ray
+
+    from raydiff.engine.learner_group import Coordinator
+
+    c = Coordinator.remote(2)
+    try:
+        ray.get([c.register.remote(0, "old0"), c.register.remote(1, "old1")])
+        seq = ray.get(c.put_task.remote(["t", "t"]))
+        ray.get(c.put_result.remote(0, seq, "stale", "old0"))  # rank 0 finished before rank 1 died
+        ray.get(c.register.remote(1, "new1"))  # restart: the fast new rank 1 is back first
+        ray.get(c.put_result.remote(1, seq, "fresh1", "new1"))
+        assert ray.get(c.get_results.remote(seq, 0.5)) is None  # rank 0's old result must not count
+        ray.get(c.register.remote(0, "new0"))
+        assert ray.get(c.get_results.remote(seq, 0.5)) is None  # still the pre-restart value for rank 0
+        ray.get(c.put_result.remote(0, seq, "fresh0", "new0"))
+        assert ray.get(c.get_results.remote(seq, 2.0)) == ["fresh0", "fresh1"]
+    finally:
+        ray.kill(c)

@@ -85,11 +85,17 @@ class Coordinator:
         return (self.seq, self.tasks[rank])
 
     async def register(self, rank: int, token: str) -> None:
+        """A worker process announces itself. A rank that already had a live token means Ray Train
+        restarted the whole group: every other rank's token is void too, even before its new
+        process registers (a slow rank's pre-restart result must not complete a batch together
+        with a fast rank's post-restart one)."""
+        if self.current.get(rank) is not None:
+            self.current = {r: None for r in self.current}
         self.current[rank] = token
 
     def _complete(self, seq: int) -> bool:
         got = self.results.get(seq, {})
-        return len(got) == self.world_size and all(got[r][0] == self.current.get(r) for r in got)
+        return len(got) == self.world_size and all(self.current.get(r) is not None and got[r][0] == self.current[r] for r in got)
 
     async def put_result(self, rank: int, seq: int, result: Any, token: str = "") -> None:
         if seq not in self.results:
