@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 STARTED = "Ray runtime started"  # what `ray start` prints once every process of the node is up
@@ -26,8 +27,6 @@ def free_port() -> int:
 
 def ray_start(args: list[str], env: dict, log_path: str, cwd: str | None = None) -> subprocess.Popen:
     """`ray start ARGS --block` in a new session (its pgid = its pid), output to log_path."""
-    import sys
-
     log = open(log_path, "w")
     return subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", *args, "--block"], env=env, cwd=cwd,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -119,12 +118,15 @@ def stop_group(*procs: subprocess.Popen | int, grace_s: float = 5.0, kill_wait_s
     for pid in pids:  # recorded before the first signal: once a parent dies its children are orphans
         groups |= _groups_of(descendants(pid))
     groups.discard(os.getpgrp())  # never our own group (a pid we were handed in it would take us down)
+    print(f"stop_group: started {pids}, escaped groups {sorted(groups - set(pids))}", file=sys.stderr)
     _signal(groups, signal.SIGTERM)
     alive = _wait_gone(groups, popens, grace_s)
     if alive:
+        before = set(groups)
         for pid in pids:  # anything spawned since (e.g. a worker restarted during shutdown)
             groups |= _groups_of(descendants(pid))
         groups.discard(os.getpgrp())
+        print(f"stop_group: SIGKILL after {grace_s}s to {sorted(alive)} (+ new {sorted(groups - before)})", file=sys.stderr)
         _signal(groups, signal.SIGKILL)
         alive = _wait_gone(groups, popens, kill_wait_s)
     assert not alive, f"process groups still alive after SIGKILL: {sorted(alive)}"
