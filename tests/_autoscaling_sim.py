@@ -3,7 +3,8 @@
 Started by tests/test_cluster.py in its own process: `python _autoscaling_sim.py TMPDIR`.
 It starts its own head (`ray start --head` with a fake_multinode autoscaling config) on free
 ports with TMPDIR as Ray's temp dir, so it never touches another Ray cluster on the machine,
-and on exit it stops only processes whose command line names TMPDIR (see `kill_own`).
+and on exit it stops only that head's process group (`ray start --block` in its own session,
+see `stop_group`). It prints `HEAD_PID <pid>` first, so the test can stop the group if this helper dies.
 
 Why not ray.cluster_utils.AutoscalingCluster as is: its start()/shutdown() run
 `ray stop --force` (kills every Ray process on the machine) and _generate_config() reads
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -24,7 +24,7 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 
 import ray  # noqa: E402
 
-from _private_head import free_port, kill_own  # noqa: E402
+from _private_head import free_port, ray_start, stop_group, wait_started  # noqa: E402
 
 IDLE_TIMEOUT_MIN = 0.1  # 6 s
 
@@ -77,6 +77,9 @@ def role_nodes() -> dict[str, int]:
     return counts
 
 
+HEAD: list = []  # the blocking `ray start --head` process, once started
+
+
 def main(tmpdir: str) -> dict:
     from raydiff.engine.placement import PlacementError, check_feasible, create_placement_group
 
@@ -92,9 +95,10 @@ def main(tmpdir: str) -> dict:
         json.dump(fake_config(gcs_port), f)
     env = dict(os.environ, AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_FAKE_CLUSTER="1", RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
-    subprocess.run(
+    log = os.path.join(tmpdir, "ray-start.log")
+    head = ray_start(
         [
-            sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
+            "--head",
             f"--port={gcs_port}",
             f"--temp-dir={tmpdir}",
             f"--autoscaling-config={config_path}",
@@ -105,8 +109,11 @@ def main(tmpdir: str) -> dict:
             f"--ray-client-server-port={free_port()}",
             "--disable-usage-stats",
         ],
-        env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60,
+        env, log,
     )
+    HEAD.append(head)
+    print(f"HEAD_PID {head.pid}", flush=True)
+    wait_started(head, log, timeout_s=60)
     event("head_started")
     ray.init(address=f"127.0.0.1:{gcs_port}", logging_level="ERROR", log_to_driver=False)
 
@@ -175,6 +182,11 @@ if __name__ == "__main__":
         try:
             ray.shutdown()
         finally:
-            kill_own(tmpdir)
+            if HEAD:
+                try:
+                    result["stopped_groups"] = sorted(stop_group(*HEAD))
+                except AssertionError as e:
+                    result["error"] = f"{result.get('error', '')} stop: {e}"
+                    rc = 1
     print("RESULT " + json.dumps(result), flush=True)
     sys.exit(rc)

@@ -5,8 +5,8 @@
         c.add_node(num_cpus=3, resources={"rollout": 1})
         out = c.run_driver("import ray, json; ray.init(); print(json.dumps(...))")
 
-Each node is its own `ray start` with its own --temp-dir and ports, so its processes are
-found by that dir and stopped by pid (tests/_private_head.kill_own), never with `ray stop`,
+Each node is its own `ray start --block` with its own --temp-dir and ports, in its own session,
+and is stopped by its process group (tests/_private_head.stop_group), never with `ray stop`,
 which would kill every Ray process on the machine. Drivers run as subprocesses with
 RAY_ADDRESS set: a pytest process that already holds the session's local cluster cannot
 ray.init() a second one. Custom resources name node roles as the cluster YAMLs do
@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from _private_head import free_port, kill_own
+from _private_head import free_port, ray_start, stop_group, wait_started
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,6 +33,7 @@ class Node:
     num_cpus: float
     resources: dict = field(default_factory=dict)
     node_id: str | None = None  # filled by MultiNodeCluster.add_node
+    proc: subprocess.Popen | None = None  # its blocking `ray start` (pgid = pid)
 
 
 class MultiNodeCluster:
@@ -51,22 +52,22 @@ class MultiNodeCluster:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def _ray_start(self, args: list[str], temp_dir: str) -> None:
+    def _ray_start(self, args: list[str], node: Node) -> None:
         env = dict(self.env)
         env.pop("RAY_ADDRESS", None)
-        common = [f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+        common = [f"--temp-dir={node.temp_dir}", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
                   f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
                   f"--runtime-env-agent-port={free_port()}"]
-        proc = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", *args, *common],
-                              env=env, capture_output=True, text=True, timeout=self.timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f"ray start {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        os.makedirs(node.temp_dir, exist_ok=True)
+        log = os.path.join(node.temp_dir, "ray-start.log")
+        node.proc = ray_start([*args, *common], env, log)
+        wait_started(node.proc, log, self.timeout)
 
     def start(self) -> "MultiNodeCluster":
         head = Node(f"{self.prefix}-h", self.head_cpus)
         self.nodes.append(head)
         self._ray_start(["--head", f"--port={self.port}", f"--num-cpus={self.head_cpus}", "--include-dashboard=false",
-                         f"--ray-client-server-port={free_port()}"], head.temp_dir)
+                         f"--ray-client-server-port={free_port()}"], head)
         return self
 
     def add_node(self, num_cpus: float, resources: dict | None = None, num_gpus: int = 0) -> Node:
@@ -76,7 +77,7 @@ class MultiNodeCluster:
         args = ["--address", self.address, f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}"]
         if node.resources:
             args.append(f"--resources={json.dumps(node.resources)}")
-        self._ray_start(args, node.temp_dir)
+        self._ray_start(args, node)
         node.node_id = self._wait_node(node)
         return node
 
@@ -110,13 +111,18 @@ class MultiNodeCluster:
                                 start_new_session=True)
 
     def shutdown(self) -> None:
-        """Stop every process of every node this object started (workers first), by their temp dirs."""
-        for node in reversed(self.nodes):
-            kill_own(node.temp_dir)
+        """Stop every node this object started, by process group; all of them are gone afterwards."""
+        procs = [n.proc for n in self.nodes if n.proc is not None]
         self.nodes.clear()
+        if procs:
+            stop_group(*procs)
 
     def __enter__(self) -> "MultiNodeCluster":
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.shutdown()
+            raise
 
     def __exit__(self, *exc) -> None:
         self.shutdown()

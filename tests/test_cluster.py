@@ -349,24 +349,31 @@ def test_autoscaler_adds_and_removes_role_nodes():
     """Placement groups asking for `rollout`/`learner` make Ray's fake autoscaler add exactly
     those node types; the actors run there; idle nodes go after the idle timeout."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from _private_head import kill_own, own_pids
+    from _private_head import stop_group
 
     tmpdir = tempfile.mkdtemp(prefix="rdas", dir="/tmp")  # short: Ray's socket paths are length-limited
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    # Its own session: the helper and anything left of its head are stopped by process group.
+    helper = subprocess.Popen([sys.executable, str(Path(__file__).parent / "_autoscaling_sim.py"), tmpdir],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT),
+                              start_new_session=True)
     try:
-        proc = subprocess.run(
-            [sys.executable, str(Path(__file__).parent / "_autoscaling_sim.py"), tmpdir],
-            capture_output=True, text=True, timeout=120, env=env, cwd=str(ROOT),
-        )
+        out, err = helper.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        stop_group(helper)  # its head is still its child, so found as a descendant
+        out, err = helper.communicate()
+        err += "\nhelper timed out"
+    heads = [int(l.split()[1]) for l in out.splitlines() if l.startswith("HEAD_PID ")]
+    try:
+        stop_group(helper, *heads)  # also when the helper died hard; asserts every group is gone
     finally:
-        kill_own(tmpdir)  # also when the helper died hard or timed out
-        leftover = own_pids(tmpdir)
         shutil.rmtree(tmpdir, ignore_errors=True)
+    proc = subprocess.CompletedProcess(helper.args, helper.returncode, out, err)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     assert lines, f"helper printed no result (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     report = json.loads(lines[-1][len("RESULT "):])
     assert "error" not in report, report
-    assert leftover == []
+    assert report["stopped_groups"] and heads[0] in report["stopped_groups"]
     assert report["infeasible_error"] and report["infeasible_s"] < 2
     assert "learner asks 2 learner per worker" in report["infeasible_error"]
     assert "learner_node" in report["infeasible_error"]

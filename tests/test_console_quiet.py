@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _private_head import free_port, kill_own  # noqa: E402
+from _private_head import free_port, stop_group  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 NOISE = re.compile(r"error|warning|failed", re.I)
@@ -43,8 +42,15 @@ def test_embedded_default_is_quiet_and_ignores_another_local_cluster(tmp_path):
             assert head.poll() is None and time.time() < deadline, "private ray start --head did not come up"
             time.sleep(0.5)
         run_dir = tmp_path / "run"
-        proc = subprocess.run([sys.executable, "-m", "raydiff.train", "configs/tiny_ddpo.yaml", "train.num_epochs=3",
-                               f"output.run_dir={run_dir}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        # Its own session too: what its embedded cluster leaves behind is stopped with its group.
+        train = subprocess.Popen([sys.executable, "-m", "raydiff.train", "configs/tiny_ddpo.yaml", "train.num_epochs=3",
+                                  f"output.run_dir={run_dir}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            out, err = train.communicate(timeout=900)
+        finally:
+            stop_group(train)
+        proc = subprocess.CompletedProcess(train.args, train.returncode, out, err)
         console = [ln.strip() for ln in re.split(r"[\r\n]", proc.stdout + proc.stderr) if ln.strip()]
         assert proc.returncode == 0, "\n".join(console[-60:])
         noisy = [ln for ln in console if NOISE.search(ln)]
@@ -63,9 +69,6 @@ def test_embedded_default_is_quiet_and_ignores_another_local_cluster(tmp_path):
         assert head.poll() is None, "the other cluster must be left running"
     finally:
         try:
-            os.killpg(head.pid, signal.SIGTERM)
-            head.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(head.pid, signal.SIGKILL)
-        kill_own(os.path.join(ray_tmp, "ray"))
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+            stop_group(head)  # asserts its group (and any worker group it spawned) is gone
+        finally:
+            shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -9,30 +9,33 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _private_head import free_port, kill_own  # noqa: E402
+from _private_head import free_port, ray_start, stop_group, wait_started  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def private_head():
-    """A head started like a user would (`ray start --head`), with the job server; stopped by its temp dir."""
+    """A head started like a user would (`ray start --head`), with the job server; stopped by its process group."""
     tmpdir = f"/tmp/rdjob-{os.getpid()}"  # short: Ray's socket paths must stay under 108 bytes
     dash = free_port()
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     # The job's `python` is looked up on PATH: make it this interpreter (its venv), not a system one.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.pop("RAY_ADDRESS", None)
-    subprocess.run(
-        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={free_port()}", f"--temp-dir={tmpdir}",
-         "--num-cpus=6", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}", "--disable-usage-stats"],
-        env=env, check=True, capture_output=True, timeout=120,
+    os.makedirs(tmpdir, exist_ok=True)
+    log = os.path.join(tmpdir, "ray-start.log")
+    head = ray_start(
+        ["--head", f"--port={free_port()}", f"--temp-dir={tmpdir}", "--num-cpus=6", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={free_port()}",
+         f"--ray-client-server-port={free_port()}", "--disable-usage-stats"],
+        env, log,
     )
     try:
+        wait_started(head, log)
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        kill_own(tmpdir)
+        stop_group(head)
 
 
 @pytest.mark.parametrize("config", ["configs/tiny_ddpo_async.yaml", "configs/tiny_dag_sdxl.yaml"])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _private_head import free_port, kill_own  # noqa: E402
+from _private_head import free_port, stop_group  # noqa: E402
 from _readme import REPO, bash_block  # noqa: E402
 
 
@@ -78,10 +77,7 @@ def test_readme_cluster_recipe_verbatim(tmp_path):
         assert denied.returncode != 0 and "Authentication" in denied.stdout + denied.stderr
     finally:
         try:
-            os.killpg(head.pid, signal.SIGTERM)
-            head.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(head.pid, signal.SIGKILL)
-        kill_own(tmpdir)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        shutil.rmtree(tmpdir, ignore_errors=True)
+            stop_group(head)  # asserts its group (and any worker group it spawned) is gone
+        finally:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            shutil.rmtree(tmpdir, ignore_errors=True)

@@ -1,8 +1,8 @@
 """The README's "Query the rewards" lines, run verbatim against the service they start.
 
 Substituted: only the port (8000 -> a free one). Added: HOME and RAY_TMPDIR are temp dirs (Ray's token
-and its processes stay private; they are stopped by that temp dir), and one extra curl before the
-block's own `kill %1` checks that a request without the bearer token is refused.
+and files stay private), and one extra curl before the block's own `kill %1` checks that a request
+without the bearer token is refused. The script runs in its own session; its process group is stopped.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _private_head import free_port, kill_own  # noqa: E402
+from _private_head import free_port, stop_group  # noqa: E402
 from _readme import REPO, bash_block  # noqa: E402
 
 
@@ -42,10 +41,10 @@ def test_readme_curl_lines_verbatim(tmp_path):
     try:
         out, err = proc.communicate(timeout=600)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        kill_own(os.path.join(ray_tmp, "ray"))
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        try:
+            stop_group(proc)  # the script, `raydiff serve-rewards` and its embedded cluster; asserts all gone
+        finally:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
         (REPO / "white.png").unlink(missing_ok=True)
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
     replies = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
