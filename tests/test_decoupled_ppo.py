@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from raydiff.algorithms.common import PROX_KEY, decoupled_ppo_loss
+from raydiff.algorithms.common import ADV_KEY, PROX_KEY, decoupled_ppo_loss, importance_weights
 from raydiff.algorithms.ddpo import DDPO, Config, ppo_clipped_loss
 from raydiff.algorithms.base import shuffled_pieces
 from raydiff.types import Conditioning, Trajectory
@@ -76,10 +76,10 @@ def per_sample_grads(algo: DDPO, policy: GaussianPolicy, batch: Trajectory) -> t
 def test_stale_gradient_matches_current_policys_true_gradient():
     """Behaviour μ = 0 (stale), current μ = 1: the mean gradient is ∇J(1) = 2.0 (not the behaviour's 4.0).
 
-    A = r (no baseline, so the estimator is unbiased); c̄ large so nothing is truncated.
+    A = r and no importance-weighted baseline (so the estimator is unbiased); c̄ large so nothing is truncated.
     Tolerance: 4 standard errors of the mean, and the standard error itself below 0.1.
     """
-    algo = ddpo(is_clip=1e9, adv_clip_max=1e9)
+    algo = ddpo(is_clip=1e9, adv_clip_max=1e9, is_baseline=False)
     batch = toy_batch(4000, 0.0, staleness=2)
     batch.advantages = torch.as_tensor(batch.rewards, dtype=torch.float32)
     g = per_sample_grads(algo, GaussianPolicy(1.0), batch)
@@ -93,6 +93,32 @@ def test_stale_gradient_matches_current_policys_true_gradient():
     assert -policy.mu.grad.item() == pytest.approx(mean, rel=1e-4)
     assert metrics["ratio_max_dev"] < 1e-6 and metrics["clipfrac"] == 0  # θ = prox on the first minibatch
     assert metrics["is_weight_max_dev"] > 0.5 and metrics["behaviour_approx_kl"] > 0
+
+
+def test_importance_weighted_baseline_keeps_the_true_gradient_and_removes_offsets():
+    """Behaviour μ = 0.5, current μ = 1: with A' = A − Σ w A / Σ w the mean gradient is still ∇J(1) = 2.0.
+
+    A constant added to every advantage changes nothing (the baseline absorbs it), while
+    without the baseline the same offset moves the estimate far (the pull towards π_b).
+    """
+    batch = toy_batch(4000, 0.5, staleness=2)
+    batch.advantages = torch.as_tensor(batch.rewards, dtype=torch.float32) + 10.0
+    algo = ddpo(is_clip=1e9, adv_clip_max=1e9)
+    prepared = algo.prepare_batch(GaussianPolicy(1.0), batch)
+    w = importance_weights(prepared.extras[PROX_KEY], prepared.log_probs, 1e9)
+    assert (w * prepared.extras[ADV_KEY]).sum().abs() < 1e-2 * w.sum()  # Σ w A' = 0 per step
+    g = per_sample_grads(algo, GaussianPolicy(1.0), batch)
+    mean, se = g.mean().item(), (g.std() / len(g) ** 0.5).item()
+    assert se < 0.15 and abs(mean - 2.0) < 4 * se, (mean, se)
+    batch.advantages = batch.advantages - 10.0
+    assert per_sample_grads(algo, GaussianPolicy(1.0), batch).mean().item() == pytest.approx(mean, rel=1e-3)
+    batch.advantages = batch.advantages + 10.0
+    raw = per_sample_grads(ddpo(is_clip=1e9, adv_clip_max=1e9, is_baseline=False), GaussianPolicy(1.0), batch)
+    assert abs(raw.mean().item() - 2.0) > 0.5  # the uncentred estimator with the same offset is far off
+    policy = GaussianPolicy(1.0)
+    prepared = algo.prepare_batch(policy, batch)
+    metrics = algo.train_step(policy, GradRecorder(policy), prepared, torch.Generator())
+    assert metrics["is_baseline"] == pytest.approx(float(prepared.advantages.mean() - prepared.extras[ADV_KEY].mean()), rel=1e-4)
 
 
 def test_truncation_bounds_weights():
@@ -131,7 +157,7 @@ def test_staleness_zero_is_fresh_ddpo_exactly():
 
     batch = algo.prepare(toy_batch(64, 0.0, staleness=0))
     batch = algo.prepare_batch(type("P", (), {"log_prob": must_not_rescore, "device": policy.device})(), batch)
-    assert torch.equal(batch.extras[PROX_KEY], batch.log_probs)
+    assert torch.equal(batch.extras[PROX_KEY], batch.log_probs) and ADV_KEY not in batch.extras  # no baseline either
     metrics = algo.train_step(policy, GradRecorder(policy), batch, torch.Generator())
     g_decoupled = policy.mu.grad.clone()
     policy.mu.grad = None
@@ -145,7 +171,7 @@ def test_staleness_zero_is_fresh_ddpo_exactly():
 
 def test_mixed_staleness_rescores_only_stale_samples():
     fresh, stale = toy_batch(4, 0.0, staleness=0, seed=1), toy_batch(4, 0.0, staleness=2, seed=2)
-    batch = Trajectory.cat([fresh, stale])
+    batch = ddpo().prepare(Trajectory.cat([fresh, stale]))
     assert batch.sample_staleness().tolist() == [0] * 4 + [2] * 4 and batch.max_staleness == 2
     algo, policy = ddpo(), GaussianPolicy(0.5)
     prox = algo.prepare_batch(policy, batch).extras[PROX_KEY]

@@ -22,6 +22,14 @@ The gradient of L at θ = prox (the first minibatch of a stale batch) is
 w · (−A) · ∇ log π_θ: the importance-weighted score of the *current* policy, an
 unbiased estimate of its policy gradient when c̄ does not truncate (tests/test_decoupled_ppo.py
 checks it on a Gaussian policy in closed form).
+
+Importance-weighted baseline (`is_baseline`, stale batches only). At a stale sample
+∇ log π_θ(x_{t−1}|x_t) = (σz − δ)/σ² ∇μ with δ = μ_prox − μ_b, the policy's move since
+sampling; the −δ/σ² part pulls towards π_b unless Σ_i w_i A_i = 0, and w correlates with A.
+So per step t the advantages are centred under the weights, A' = A − Σ w A / Σ w (sums
+over the whole batch, all-reduced over learner ranks): a constant baseline, so an exact-weight
+estimator stays consistent (tested), and the common pull cancels. It does not cancel the
+per-sample part of δ (δ_i and ∇μ_i vary with x_t). Logged as `train/is_baseline`.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from raydiff.config_base import Section
 from raydiff.types import Trajectory
 
 PROX_KEY = "prox_log_probs"  # extras key: (N, T) log π_prox, written by `attach_proximal_log_probs`
+ADV_KEY = "centred_advantages"  # extras key: (N, T) advantages centred under w, written by `centre_advantages`
 
 
 class AsyncAlgorithmConfig(Section):
@@ -44,6 +53,7 @@ class AsyncAlgorithmConfig(Section):
     num_inner_epochs: int = Field(1, ge=1, description="Passes over each epoch's trajectories (ddpo-pytorch: 1).")
     timestep_fraction: float = Field(1.0, gt=0, le=1, description="Fraction of the T steps trained per minibatch (random subset, int(T·fraction) of them as the references).")
     is_clip: float = Field(2.0, ge=1, description="Truncation c̄ of the per-step importance weight min(π_prox/π_behaviour, c̄) for stale samples (geometric-mean ratios).")
+    is_baseline: bool = Field(True, description="For stale batches, centre the advantages per step under the importance weights (Σ w·A' = 0 over the batch, all ranks).")
 
     def validate_sampling(self, sampling) -> None:
         """Rollout log-probs are Gaussian densities: they need η > 0 (η = 0 makes σ_t = 0, log-prob undefined)."""
@@ -79,6 +89,31 @@ def attach_proximal_log_probs(policy, batch: Trajectory) -> Trajectory:
     return batch
 
 
+def importance_weights(prox_log_probs: torch.Tensor, behaviour_log_probs: torch.Tensor, is_clip: float) -> torch.Tensor:
+    """w = min(exp(log π_prox − log π_b), c̄), elementwise (constant: no gradient)."""
+    return torch.exp((prox_log_probs - behaviour_log_probs).detach()).clamp(max=is_clip)
+
+
+def centre_advantages(batch: Trajectory, advantages: torch.Tensor, is_clip: float) -> torch.Tensor:
+    """(N, T) advantages centred per step under the weights: A' = A − Σ w A / Σ w, sums over the whole batch.
+
+    The baseline b_t is one number per step for the whole (unsharded) batch: the sums are
+    all-reduced over the learner ranks when torch.distributed runs (every rank calls this,
+    as every rank re-scores). Padding (batch.weights = 0) does not count. Needs `PROX_KEY`.
+    """
+    w = importance_weights(batch.extras[PROX_KEY], batch.log_probs.float(), is_clip)  # (N, T)
+    mask = batch.weights.float() if batch.weights is not None else torch.ones(len(batch))
+    wm = w * mask[:, None]
+    adv = advantages.float()[:, None]
+    sums = torch.stack([(wm * adv).sum(0), wm.sum(0)])  # (2, T)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+    baseline = sums[0] / sums[1].clamp(min=1e-12)  # (T,)
+    return adv - baseline[None, :]
+
+
 def decoupled_ppo_loss(log_prob, prox_log_prob, behaviour_log_prob, advantages, clip_range: float, is_clip: float,
                        weights=None) -> tuple[torch.Tensor, dict[str, float]]:
     """Decoupled clipped surrogate (to minimise) and its statistics; every input (N,).
@@ -98,7 +133,7 @@ def decoupled_ppo_terms(log_prob, prox_log_prob, behaviour_log_prob, advantages,
     ratio = torch.exp(log_prob - prox_log_prob)
     log_w = (prox_log_prob - behaviour_log_prob).detach()
     is_w_raw = torch.exp(log_w)
-    is_w = is_w_raw.clamp(max=is_clip)
+    is_w = importance_weights(prox_log_prob, behaviour_log_prob, is_clip)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     per_sample = is_w * torch.maximum(unclipped, clipped)

@@ -34,7 +34,8 @@ import torch
 from pydantic import Field
 
 from raydiff.algorithms.base import Algorithm, Needs
-from raydiff.algorithms.common import PROX_KEY, AsyncAlgorithmConfig, StepAverager, attach_proximal_log_probs, decoupled_ppo_loss, trained_steps
+from raydiff.algorithms.common import (ADV_KEY, PROX_KEY, AsyncAlgorithmConfig, StepAverager, attach_proximal_log_probs,
+                                      centre_advantages, decoupled_ppo_loss, trained_steps)
 from raydiff.types import Trajectory
 
 
@@ -108,7 +109,12 @@ class DDPO(Algorithm):
         return batch
 
     def prepare_batch(self, policy, batch: Trajectory) -> Trajectory:
-        return attach_proximal_log_probs(policy, batch)
+        batch = attach_proximal_log_probs(policy, batch)
+        batch.extras.pop(ADV_KEY, None)
+        if self.config.is_baseline and batch.max_staleness > 0:  # same branch on every rank (batch-level max)
+            adv = batch.advantages.clamp(-self.config.adv_clip_max, self.config.adv_clip_max)
+            batch.extras[ADV_KEY] = centre_advantages(batch, adv, self.config.is_clip)
+        return batch
 
     def train_step(self, policy, optimizer, batch: Trajectory, rng: torch.Generator) -> dict[str, float]:
         T = batch.log_probs.shape[1]
@@ -118,11 +124,15 @@ class DDPO(Algorithm):
         weights = batch.weights.to(dev) if batch.weights is not None else None
         prox = batch.extras[PROX_KEY] if PROX_KEY in batch.extras else batch.log_probs  # no prepare_batch: on-policy
         avg = StepAverager(len(steps))
+        centred = batch.extras.get(ADV_KEY)  # (N, T): stale batch with the importance-weighted baseline
         for j in steps:
             log_prob = policy.log_prob(batch, j)
-            loss, stats = decoupled_ppo_loss(log_prob, prox[:, j].to(dev), batch.log_probs[:, j].to(dev), adv,
+            adv_j = centred[:, j].to(dev) if centred is not None else adv
+            loss, stats = decoupled_ppo_loss(log_prob, prox[:, j].to(dev), batch.log_probs[:, j].to(dev), adv_j,
                                              self.config.clip_range, self.config.is_clip, weights)
             optimizer.backward(loss)
+            if centred is not None:
+                stats["is_baseline"] = (adv - adv_j).mean().item()
             avg.add({"loss": loss.item(), **stats})
         return avg.result()
 
