@@ -23,7 +23,7 @@ w · (−A) · ∇ log π_θ: the importance-weighted score of the *current* pol
 unbiased estimate of its policy gradient when c̄ does not truncate (tests/test_decoupled_ppo.py
 checks it on a Gaussian policy in closed form).
 
-Importance-weighted baseline (`is_baseline`, stale batches only). At a stale sample
+Importance-weighted baseline (DDPO's `is_baseline`, stale batches only). At a stale sample
 ∇ log π_θ(x_{t−1}|x_t) = (σz − δ)/σ² ∇μ with δ = μ_prox − μ_b, the policy's move since
 sampling; the −δ/σ² part pulls towards π_b unless Σ_i w_i A_i = 0, and w correlates with A.
 So per step t the advantages are centred under the weights, A' = A − Σ w A / Σ w (sums
@@ -53,7 +53,6 @@ class AsyncAlgorithmConfig(Section):
     num_inner_epochs: int = Field(1, ge=1, description="Passes over each epoch's trajectories (ddpo-pytorch: 1).")
     timestep_fraction: float = Field(1.0, gt=0, le=1, description="Fraction of the T steps trained per minibatch (random subset, int(T·fraction) of them as the references).")
     is_clip: float = Field(2.0, ge=1, description="Truncation c̄ of the per-step importance weight min(π_prox/π_behaviour, c̄) for stale samples (geometric-mean ratios).")
-    is_baseline: bool = Field(True, description="For stale batches, centre the advantages per step under the importance weights (Σ w·A' = 0 over the batch, all ranks).")
 
     def validate_sampling(self, sampling) -> None:
         """Rollout log-probs are Gaussian densities: they need η > 0 (η = 0 makes σ_t = 0, log-prob undefined)."""
