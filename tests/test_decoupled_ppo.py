@@ -103,7 +103,7 @@ def test_importance_weighted_baseline_keeps_the_true_gradient_and_removes_offset
     """
     batch = toy_batch(4000, 0.5, staleness=2)
     batch.advantages = torch.as_tensor(batch.rewards, dtype=torch.float32) + 10.0
-    algo = ddpo(is_clip=1e9, adv_clip_max=1e9)
+    algo = ddpo(is_clip=1e9, adv_clip_max=1e9, is_baseline=True)
     prepared = algo.prepare_batch(GaussianPolicy(1.0), batch)
     w = importance_weights(prepared.extras[PROX_KEY], prepared.log_probs, 1e9)
     assert (w * prepared.extras[ADV_KEY]).sum().abs() < 1e-2 * w.sum()  # Σ w A' = 0 per step
@@ -149,7 +149,7 @@ def test_clip_engages_once_a_step_moves_past_epsilon():
 
 def test_staleness_zero_is_fresh_ddpo_exactly():
     """At staleness 0, π_prox = the stored log-probs (no re-score): loss and gradient equal on-policy clipped PPO."""
-    algo = ddpo()
+    algo = ddpo(is_baseline=True)  # the baseline too must leave fresh batches alone
     policy = GaussianPolicy(0.3)  # differs from the behaviour μ = 0: a re-score would change π_prox
 
     def must_not_rescore(batch, j):

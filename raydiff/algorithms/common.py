@@ -29,7 +29,8 @@ sampling; the −δ/σ² part pulls towards π_b unless Σ_i w_i A_i = 0, and w 
 So per step t the advantages are centred under the weights, A' = A − Σ w A / Σ w (sums
 over the whole batch, all-reduced over learner ranks): a constant baseline, so an exact-weight
 estimator stays consistent (tested), and the common pull cancels. It does not cancel the
-per-sample part of δ (δ_i and ∇μ_i vary with x_t). Logged as `train/is_baseline`.
+per-sample part of δ (δ_i and ∇μ_i vary with x_t). Logged as `train/is_baseline`. Off by
+default: on the tiny async config it did not change the reward (docs/algorithms/ddpo.md).
 """
 
 from __future__ import annotations

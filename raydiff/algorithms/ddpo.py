@@ -21,7 +21,7 @@ under its weights at arrival (π_prox, no grad), then per step
     ρ_t = exp(log π_θ − log π_prox),   w = min(exp(log π_prox − log π_old), c̄).
 
 At staleness 0, π_prox = π_old (the stored log-probs), w = 1: exactly the loss above.
-Stale batches use A − b_t, b_t = Σ w A / Σ w over the batch per step (`is_baseline`).
+With `is_baseline`, stale batches use A − b_t, b_t = Σ w A / Σ w over the batch per step.
 Ratios are geometric means over C·H·W (log-probs are means); c̄ = `is_clip`.
 """
 
@@ -47,7 +47,7 @@ class Config(AsyncAlgorithmConfig):
     per_prompt_stat_tracking: bool = Field(True, description="Normalise rewards per prompt (else over the batch).")
     stat_buffer_size: int = Field(16, ge=1, description="Rewards kept per prompt for its mean/std.")
     stat_min_count: int = Field(16, ge=1, description="Rewards a prompt needs before its own statistics are used.")
-    is_baseline: bool = Field(True, description="For stale batches, centre the advantages per step under the importance weights (Σ w·A' = 0 over the batch, all ranks).")
+    is_baseline: bool = Field(False, description="For stale batches, centre the advantages per step under the importance weights (Σ w·A' = 0 over the batch, all ranks).")
 
 
 class PerPromptStats:
