@@ -52,11 +52,12 @@ def test_ratio_is_one_at_first_inner_step(tiny_sd):
 def test_proximal_log_probs_on_the_real_model(tiny_sd):
     """Fresh batch: π_prox is the stored log-probs. Stale batch after a weight change: π_prox is the
     current weights' log-prob of the stored transition, and training reports w ≠ 1 against π_b."""
-    from raydiff.algorithms.common import PROX_KEY
+    from raydiff.algorithms.common import PROX_ELEM_KEY, PROX_KEY
 
     cfg = load_config("configs/tiny_ddpo.yaml", [f"model.path={tiny_sd}", "sampling.batch_size=2", "sampling.num_steps=3",
                                                  "learner.engine=torch", "algorithm.train_batch_size=2"])
-    worker, learner = RolloutWorker(cfg), Learner(cfg)
+    learner = Learner(cfg)
+    worker = RolloutWorker(cfg, needs=learner.algorithm.needs)  # DDPO keeps the step noise (per-element stale objective)
     batch = learner.algorithm.prepare(worker.generate(["a cat", "a dog"], seed=3))
     fresh = learner.algorithm.prepare_batch(learner.policy, batch)
     assert torch.equal(fresh.extras[PROX_KEY], batch.log_probs)
@@ -69,6 +70,7 @@ def test_proximal_log_probs_on_the_real_model(tiny_sd):
     with torch.no_grad():
         torch.testing.assert_close(stale.extras[PROX_KEY][:, 1], learner.policy.log_prob(batch, 1), atol=1e-6, rtol=0)
     assert (stale.extras[PROX_KEY] - batch.log_probs).abs().max() > 1e-4
+    assert stale.extras[PROX_ELEM_KEY].shape == batch.latents[:, 1:].shape  # per-element π_prox for the stale samples
     metrics = learner.train(batch)
     assert metrics["train/is_weight_max_dev"] > 0 and metrics["train/behaviour_approx_kl"] > 0
     assert metrics["train/ratio_max_dev"] < 1e-5  # one minibatch: θ = π_prox throughout its step

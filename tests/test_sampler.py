@@ -60,6 +60,23 @@ def test_recomputed_log_prob_equals_sampled(model):
         torch.testing.assert_close(out.log_prob, traj.log_probs[:, j], atol=1e-5, rtol=0)
 
 
+def test_kept_noise_gives_the_per_element_behaviour_density(model):
+    """extras['noise'] is the realised z of the stored x_{t-1}: −z²/2 − log σ − ½ log 2π is the learner's per-element density."""
+    from raydiff.algorithms.common import behaviour_element_log_prob
+    from raydiff.engine.policy import Policy
+
+    cond = encode_prompts(model, PROMPTS)
+    traj = sample(model, cond, PROMPTS, 4, 5.0, 1.0, torch.Generator().manual_seed(0), keep_noise=True)
+    assert traj.extras["noise"].shape == traj.latents[:, 1:].shape
+    policy = Policy(model)
+    for j in range(4):
+        with torch.no_grad():
+            lp_d, std = policy.element_log_prob(traj, j)
+        beh_d = behaviour_element_log_prob(traj.extras["noise"][:, j], std)
+        torch.testing.assert_close(beh_d, lp_d, atol=1e-3, rtol=0)
+        torch.testing.assert_close(beh_d.mean(dim=(1, 2, 3)), traj.log_probs[:, j], atol=1e-5, rtol=0)
+
+
 def test_log_prob_equals_torch_normal(model):
     torch.manual_seed(0)
     model.scheduler.set_timesteps(10)

@@ -30,7 +30,7 @@ class Needs:
 
     mode: str = "async"  # "async": rollouts + learners (DDPO, DAG); "sync": the learner samples with gradients (PromptBatch in)
     keep_eps: bool = False  # rollouts store the CFG noise prediction per step (extras['eps'])
-    keep_noise: bool = False  # rollouts store each step's standard-normal draw (extras['noise'])
+    keep_noise: bool = False  # rollouts store each step's realised noise z = (x_{t-1} − μ)/σ (extras['noise'])
     intermediate_rewards: bool = False  # rewards of x̂_0 at every step are requested
     intermediate_rewards_guidance: str = "cfg"  # x̂_0 for those rewards from the CFG ε̂ ("cfg") or the conditional branch alone ("cond")
     reference_model: bool = False  # a frozen copy of the base model on the learner

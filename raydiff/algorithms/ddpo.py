@@ -21,7 +21,13 @@ under its weights at arrival (π_prox, no grad), then per step
     ρ_t = exp(log π_θ − log π_prox),   w = min(exp(log π_prox − log π_old), c̄).
 
 At staleness 0, π_prox = π_old (the stored log-probs), w = 1: exactly the loss above.
-Ratios are geometric means over C·H·W (log-probs are means); c̄ = `is_clip`.
+Stale samples (default `stale_objective=per_element`) use that loss per latent element d,
+
+    L_t = mean_d w_d · max(−A ρ_d, −A clip(ρ_d, 1 − ε', 1 + ε')),   ε' = `stale_clip_range`,
+
+with ρ_d, w_d the per-element density ratios (π_old,d from the rollout's stored step noise);
+`per_sample` uses geometric-mean ratios (log-probs are means over C·H·W). c̄ = `is_clip`.
+With `is_baseline`, stale batches use A − b_t, b_t = Σ w A / Σ w over the batch per step.
 """
 
 from __future__ import annotations
@@ -34,7 +40,9 @@ import torch
 from pydantic import Field
 
 from raydiff.algorithms.base import Algorithm, Needs
-from raydiff.algorithms.common import PROX_KEY, AsyncAlgorithmConfig, StepAverager, attach_proximal_log_probs, decoupled_ppo_loss, trained_steps
+from raydiff.algorithms.common import (ADV_KEY, NOISE_KEY, PROX_ELEM_KEY, PROX_KEY, AsyncAlgorithmConfig, StepAverager,
+                                      attach_proximal_log_probs, behaviour_element_log_prob, centre_advantages,
+                                      decoupled_ppo_loss, decoupled_ppo_terms, trained_steps)
 from raydiff.types import Trajectory
 
 
@@ -45,6 +53,9 @@ class Config(AsyncAlgorithmConfig):
     per_prompt_stat_tracking: bool = Field(True, description="Normalise rewards per prompt (else over the batch).")
     stat_buffer_size: int = Field(16, ge=1, description="Rewards kept per prompt for its mean/std.")
     stat_min_count: int = Field(16, ge=1, description="Rewards a prompt needs before its own statistics are used.")
+    stale_objective: Literal["per_element", "per_sample"] = Field("per_element", description="Decoupled PPO for stale samples: per latent element (ratio, weight and clip per element, then the mean; needs the rollout's step noise) or per sample (geometric-mean ratio and weight).")
+    stale_clip_range: float = Field(0.2, gt=0, description="PPO clip ε on the per-element ratios of stale samples (stale_objective=per_element); per-element ratios move far more than geometric means.")
+    is_baseline: bool = Field(False, description="For stale batches, centre the advantages per step under the importance weights (Σ w·A' = 0 over the batch, all ranks).")
 
 
 class PerPromptStats:
@@ -93,7 +104,7 @@ class DDPO(Algorithm):
 
     @property
     def needs(self) -> Needs:
-        return Needs(mode="async")
+        return Needs(mode="async", keep_noise=self.config.stale_objective == "per_element")
 
     def micro_steps_per_update(self, minibatch: Trajectory) -> int:
         return self.trained_steps(minibatch.log_probs.shape[1])
@@ -108,7 +119,15 @@ class DDPO(Algorithm):
         return batch
 
     def prepare_batch(self, policy, batch: Trajectory) -> Trajectory:
-        return attach_proximal_log_probs(policy, batch)
+        batch = attach_proximal_log_probs(policy, batch, per_element=self.config.stale_objective == "per_element")
+        if PROX_ELEM_KEY in batch.extras and NOISE_KEY not in batch.extras:
+            raise ValueError("a stale batch has no extras['noise']: algorithm.stale_objective=per_element needs rollouts "
+                             "sampled with the step noise kept (Needs.keep_noise); or set algorithm.stale_objective=per_sample")
+        batch.extras.pop(ADV_KEY, None)
+        if self.config.is_baseline and batch.max_staleness > 0:  # same branch on every rank (batch-level max)
+            adv = batch.advantages.clamp(-self.config.adv_clip_max, self.config.adv_clip_max)
+            batch.extras[ADV_KEY] = centre_advantages(batch, adv, self.config.is_clip)
+        return batch
 
     def train_step(self, policy, optimizer, batch: Trajectory, rng: torch.Generator) -> dict[str, float]:
         T = batch.log_probs.shape[1]
@@ -118,13 +137,47 @@ class DDPO(Algorithm):
         weights = batch.weights.to(dev) if batch.weights is not None else None
         prox = batch.extras[PROX_KEY] if PROX_KEY in batch.extras else batch.log_probs  # no prepare_batch: on-policy
         avg = StepAverager(len(steps))
+        centred = batch.extras.get(ADV_KEY)  # (N, T): stale batch with the importance-weighted baseline
+        per_element = PROX_ELEM_KEY in batch.extras  # stale batch under the per-element objective
         for j in steps:
-            log_prob = policy.log_prob(batch, j)
-            loss, stats = decoupled_ppo_loss(log_prob, prox[:, j].to(dev), batch.log_probs[:, j].to(dev), adv,
-                                             self.config.clip_range, self.config.is_clip, weights)
+            adv_j = centred[:, j].to(dev) if centred is not None else adv
+            if per_element:
+                loss, stats = self._per_element_loss(policy, batch, j, adv_j, weights)
+            else:
+                log_prob = policy.log_prob(batch, j)
+                loss, stats = decoupled_ppo_loss(log_prob, prox[:, j].to(dev), batch.log_probs[:, j].to(dev), adv_j,
+                                                 self.config.clip_range, self.config.is_clip, weights)
             optimizer.backward(loss)
+            if centred is not None:
+                stats["is_baseline"] = (adv - adv_j).mean().item()
             avg.add({"loss": loss.item(), **stats})
         return avg.result()
+
+    def _per_element_loss(self, policy, batch: Trajectory, j: int, adv, weights):
+        """Step j of a stale batch: fresh samples per sample (stored log-probs), stale ones per element.
+
+        Stale sample i: mean over elements d of w_d · max(−A ρ_d, −A clip(ρ_d, 1 ± ε')), with
+        ρ_d = π_θ,d / π_prox,d, w_d = min(π_prox,d / π_b,d, c̄), ε' = `stale_clip_range`. Statistics
+        are over the stale samples' elements when the minibatch has any.
+        """
+        dev = policy.device
+        lp_d, std = policy.element_log_prob(batch, j)
+        n = lp_d.shape[0]
+        lp_d = lp_d.reshape(n, -1)
+        log_prob = lp_d.mean(dim=1)
+        per_sample, stats = decoupled_ppo_terms(log_prob, batch.extras[PROX_KEY][:, j].to(dev),
+                                                batch.log_probs[:, j].to(dev), adv, self.config.clip_range, self.config.is_clip)
+        idx = torch.nonzero(batch.sample_staleness() > 0).flatten()
+        if len(idx):
+            idx_d = idx.to(dev)
+            prox_d = batch.extras[PROX_ELEM_KEY][idx, j].reshape(len(idx), -1).to(dev)
+            beh_d = behaviour_element_log_prob(batch.extras[NOISE_KEY][idx, j].reshape(len(idx), -1).to(dev), std)
+            elem, stats = decoupled_ppo_terms(lp_d[idx_d], prox_d, beh_d, adv[idx_d, None], self.config.stale_clip_range,
+                                              self.config.is_clip)
+            per_sample = per_sample.index_put((idx_d,), elem.mean(dim=1))
+        if weights is not None:
+            per_sample = per_sample * weights
+        return per_sample.mean(), stats
 
     def state_dict(self) -> dict:
         return {"per_prompt_stats": self.stats.state_dict()}

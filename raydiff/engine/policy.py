@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from raydiff.sampling.ddim import StepOutput, ddim_step
+from raydiff.sampling.ddim import StepOutput, ddim_step, gaussian_log_density
 from raydiff.sampling.sampler import predict_noise
 from raydiff.types import Trajectory
 
@@ -40,3 +40,9 @@ class Policy:
 
     def log_prob(self, batch: Trajectory, j: int) -> torch.Tensor:
         return self.step(batch, j)[0].log_prob
+
+    def element_log_prob(self, batch: Trajectory, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-element log-density of transition j (N, C, h, w), float32, and the step's σ (scalar)."""
+        out = self.step(batch, j)[0]
+        x_prev = batch.latents[:, j + 1].to(self.device, self.model.dtype)
+        return gaussian_log_density(x_prev, out.mean, out.std), out.std.float()

@@ -43,10 +43,15 @@ def alphas_at(scheduler, t: int | torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return scheduler.alphas_cumprod[t].float(), scheduler.alphas_cumprod[prev_t].float(), prev_t
 
 
+def gaussian_log_density(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, std²) per element (same shape as x), in float32; x is a constant."""
+    x, mean, std = x.float(), mean.float(), std.float()
+    return -((x.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
+
+
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """log N(x; mean, std²) per element, averaged over all non-batch dims, in float32."""
-    x, mean, std = x.float(), mean.float(), std.float()
-    lp = -((x.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
+    lp = gaussian_log_density(x, mean, std)
     return lp.mean(dim=tuple(range(1, lp.ndim)))
 
 

@@ -109,6 +109,8 @@ def sample(
     predicted x̂_0 per step (extras['x0_pred'], same shape) for intermediate rewards, from the CFG ε̂
     (`x0_guidance='cfg'`) or from the conditional branch alone (`'cond'`, free: CFG computes it anyway).
     `decode_chunk`: latents per VAE decode call for the final images (None = all at once).
+    `keep_noise` stores the realised step noise z = (x_{t-1} − μ)/σ (extras['noise'], same shape):
+    the behaviour policy's per-element log-density is −z²/2 − log σ − ½ log 2π.
     """
     sched = model.scheduler
     sched.set_timesteps(num_steps, device=model.device)
@@ -138,7 +140,9 @@ def sample(
             x0 = out.pred_original_sample if x0_guidance == "cfg" else predict_x0(sched, eps_c, t_host, x_t)
             x0_all.append(x0.float())
         if keep_noise and out.noise is not None:
-            noise_all.append(out.noise.float())
+            # The realised standard-normal draw of the *stored* x_{t-1} (rounded to the sample dtype):
+            # (x_{t-1} − μ)/σ, so −z²/2 − log σ − ½ log 2π is exactly the per-element log-density scored.
+            noise_all.append(((x.float() - out.mean.float()) / out.std.float()))
     images = decode_images(model, x, decode_chunk)
     traj = Trajectory(
         prompts=list(prompts),
