@@ -125,9 +125,6 @@ class RewardComponent(Section):
         return _hash(self.deployment_config())
 
 
-# The name the service config used before trainer and service shared one schema.
-RewardDeploymentConfig = RewardComponent
-
 
 def _hash(data: dict) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
