@@ -74,6 +74,7 @@ class Trajectory:
     weights: Optional[torch.Tensor] = None  # (N,) importance weights for stale batches (1 = none)
     staleness: Optional[torch.Tensor] = None  # (N,) int64 per sample: learner version at admission − its sampling version; None = all 0
     max_staleness: int = 0  # max of `staleness` over the whole (unsharded) batch: the same on every learner rank
+    group_ids: Optional[torch.Tensor] = None  # (N,) int64: samples with one id were drawn for one prompt together (engine/groups.py)
     extras: dict = field(default_factory=dict)  # algorithm-specific tensors, batch-first
     timings: dict = field(default_factory=dict)  # seconds spent per phase
 
@@ -96,6 +97,7 @@ class Trajectory:
             images=self.images[idx_np], rewards=pick(self.rewards),
             reward_components={k: pick(v) for k, v in self.reward_components.items()},
             advantages=pick(self.advantages), weights=pick(self.weights), staleness=pick(self.staleness),
+            group_ids=pick(self.group_ids),
             extras={k: pick(v) for k, v in self.extras.items()},
         )
 
@@ -129,6 +131,7 @@ class Trajectory:
             version=min(t.version for t in items),
             staleness=torch.cat([t.sample_staleness() for t in items]),
             max_staleness=max(t.max_staleness for t in items),
+            group_ids=None if any(t.group_ids is None for t in items) else torch.cat([t.group_ids for t in items]),
             rewards=cat_opt([t.rewards for t in items]),
             reward_components={k: cat_opt([t.reward_components[k] for t in items]) for k in first.reward_components},
             advantages=cat_opt([t.advantages for t in items]),

@@ -33,6 +33,8 @@ class ExperienceWriter:
         }
         for name, vals in batch.reward_components.items():
             cols[f"reward_{name}"] = np.asarray(vals, np.float32)
+        if batch.group_ids is not None:
+            cols["group"] = batch.group_ids.numpy().astype(np.int64)
         if batch.advantages is not None:
             cols["advantage"] = batch.advantages.numpy().astype(np.float32)
         for k, v in timings.items():

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import ray
+import torch
 from tqdm.auto import tqdm
 
 from raydiff.algorithms.registry import make_algorithm
@@ -23,6 +24,7 @@ from raydiff.config import RunConfig, to_yaml
 from raydiff.console import epoch_summary, fmt
 from raydiff.engine import checkpoint as ckpt
 from raydiff.engine.buffer import StalenessGate
+from raydiff.engine.groups import EpochPlan, check_group_layout, plan_epoch
 from raydiff.engine.metrics import MetricsLogger
 from raydiff.engine.records import ExperienceWriter
 from raydiff.engine.roles import LearnerHandle, RolloutGroup
@@ -63,6 +65,13 @@ def connect_ray(cfg: RunConfig) -> None:
     console.after_ray_init()
 
 
+def group_wise_components(reward_cfg) -> list[str]:
+    """Names of the reward components whose score depends on the rest of the group (e.g. win_rate)."""
+    from raydiff.rewards.base import reward_class
+
+    return [c.name for c in reward_cfg.components if getattr(reward_class(c.registry_name), "group_wise", False)]
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -72,6 +81,9 @@ class Trainer:
         self.gate = StalenessGate(cfg.train.max_staleness, cfg.train.stale_policy, cfg.train.stale_weight)
         self.start_epoch = 0
         self.is_async = self.algorithm.needs.mode == "async"
+        self.group_size = self.algorithm.needs.samples_per_prompt
+        check_group_layout(self.group_size, cfg.sampling.batch_size, cfg.rollout.num_workers, cfg.train.batches_per_epoch,
+                           group_wise_components(cfg.reward))
 
     # --- setup -------------------------------------------------------------
     def _start_roles(self) -> None:
@@ -111,22 +123,24 @@ class Trainer:
         log.info("resumed from %s at epoch %d", found, self.start_epoch)
 
     # --- data --------------------------------------------------------------
+    def epoch_plan(self, epoch: int) -> EpochPlan:
+        """Requests and group ids of `epoch`: a pure function of (train.seed, epoch), so a re-issue or resume repeats it."""
+        c = self.cfg
+        return plan_epoch(self.prompts, c.train.seed, epoch, c.train.batches_per_epoch, c.rollout.num_workers,
+                          c.sampling.batch_size, self.group_size)
+
     def batch_requests(self, epoch: int) -> list[tuple[int, list[str], int]]:
-        """(worker, prompts, seed) for every rollout batch of `epoch`: deterministic, so a re-issue or resume repeats it."""
-        rng = np.random.default_rng([self.cfg.train.seed, epoch])
-        out = []
-        for b in range(self.cfg.train.batches_per_epoch):
-            for w in range(self.cfg.rollout.num_workers):
-                prompts = [self.prompts[i] for i in rng.integers(0, len(self.prompts), self.cfg.sampling.batch_size)]
-                out.append((w, prompts, int(rng.integers(0, 2**31 - 1))))
-        return out
+        """(worker, prompts, seed) for every rollout batch of `epoch` (groups of k per prompt when the algorithm asks)."""
+        return self.epoch_plan(epoch).requests
 
     def _collect(self, epoch: int, version: int) -> Trajectory:
         batches = []
-        for request, batch in zip(self.batch_requests(epoch), self.rollouts.gather(epoch)):
+        plan = self.epoch_plan(epoch)
+        for request, group_ids, batch in zip(plan.requests, plan.group_ids, self.rollouts.gather(epoch)):
             admitted = self.gate.admit(batch, version)
-            while admitted is None:  # too stale: sample again with the current weights
+            while admitted is None:  # too stale: sample again with the current weights (same request: groups stay whole)
                 admitted = self.gate.admit(self.rollouts.regenerate(request), version)
+            admitted.group_ids = torch.as_tensor(group_ids, dtype=torch.int64)
             batches.append(admitted)
         return Trajectory.cat(batches)
 

@@ -54,6 +54,12 @@ def make_reward(name: str, **args) -> "Reward":
         raise ValueError(f"reward {name!r}: bad arguments {sorted(args)}: {e}") from None
 
 
+def reward_class(name: str):
+    """The registered class of reward `name` (None if unknown): lets callers read class facts such as `group_wise`."""
+    _load_builtin()
+    return _REGISTRY.get(name)
+
+
 def _load_builtin() -> None:
     # Importing the modules runs their @register_reward decorators.
     from raydiff.rewards import clip_rewards, geneval, group, imagereward, ocr, simple, vlm_judge  # noqa: F401
