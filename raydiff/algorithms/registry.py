@@ -8,7 +8,7 @@ from typing import Annotated, Union
 
 from pydantic import Discriminator, Tag
 
-_MODULES = ["raydiff.algorithms.ddpo", "raydiff.algorithms.alignprop", "raydiff.algorithms.draft", "raydiff.algorithms.drtune", "raydiff.algorithms.dag", "raydiff.algorithms.diffinstruct_pp", "raydiff.algorithms.flow_grpo"]
+_MODULES = ["raydiff.algorithms.ddpo", "raydiff.algorithms.alignprop", "raydiff.algorithms.draft", "raydiff.algorithms.drtune", "raydiff.algorithms.dag", "raydiff.algorithms.diffinstruct_pp", "raydiff.algorithms.flow_grpo", "raydiff.algorithms.nft"]
 _ALGORITHMS = {}
 for _mod_name in _MODULES:
     _mod = importlib.import_module(_mod_name)
