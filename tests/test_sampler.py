@@ -9,7 +9,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLP
 from raydiff.config import ModelSection
 from raydiff.models.loader import load_model
 from raydiff.sampling.conditioning import encode_prompts
-from raydiff.sampling.ddim import backward_log_prob, ddim_step
+from raydiff.sampling.steps.ddim import backward_log_prob, ddim_step
 from raydiff.sampling.sampler import decode_float, predict_noise, sample
 
 PROMPTS = ["a cat", "a red dog"]

@@ -48,7 +48,7 @@ from pydantic import Field
 from raydiff.algorithms.base import Algorithm, Needs, shuffled_pieces
 from raydiff.algorithms.common import PROX_KEY, AsyncAlgorithmConfig, attach_proximal_log_probs, decoupled_ppo_terms, trained_steps
 from raydiff.algorithms.flow_net import FlowNet
-from raydiff.sampling.ddim import backward_log_prob
+from raydiff.sampling.steps.ddim import backward_log_prob
 from raydiff.types import Trajectory
 
 

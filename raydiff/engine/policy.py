@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from raydiff.sampling.ddim import StepOutput, ddim_step, gaussian_log_density
+from raydiff.sampling.steps.ddim import StepOutput, ddim_step, gaussian_log_density
 from raydiff.sampling.sampler import predict_noise
 from raydiff.types import Trajectory
 

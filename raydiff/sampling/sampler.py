@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from raydiff.sampling.ddim import alphas_at, ddim_step
+from raydiff.sampling.steps.ddim import alphas_at, ddim_step
 from raydiff.types import Conditioning, Trajectory
 
 
