@@ -25,26 +25,30 @@ class LoraSection(Section):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
     target_modules: list[str] = Field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
-        description="UNet module names that get LoRA adapters (attention projections by default).",
+        description="Denoiser module names that get LoRA adapters (attention projections by default; the same names in UNets and SD3/FLUX transformers).",
     )
 
 
 class ModelSection(Section):
-    path: str = Field("tiny://sd", description="Hub id, local diffusers folder, or tiny://sd | tiny://sdxl (random tiny model, built offline).")
-    kind: Literal["auto", "sd", "sdxl"] = Field("auto", description="Model family; auto reads it from the folder (two text encoders = sdxl).")
+    path: str = Field("tiny://sd", description="Hub id, local diffusers folder, or tiny://sd | sdxl | sd3 | flux (random tiny model, built offline).")
+    kind: Literal["auto", "sd", "sdxl", "sd3", "flux"] = Field("auto", description="Model family (models/family.py); auto reads it from model_index.json.")
     revision: Optional[str] = Field(None, description="Hub revision when `path` is a hub id.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="Weights dtype for frozen parts; auto = float32 on CPU, bfloat16 on GPU. Log-probs are always float32.")
-    resolution: Optional[int] = Field(None, ge=8, description="Image side in pixels; None = the model's default (unet.sample_size x vae scale).")
-    finetune: Literal["lora", "full"] = Field("lora", description="Train LoRA adapters (peft) or all UNet weights.")
+    resolution: Optional[int] = Field(None, ge=8, description="Image side in pixels; None = the model family's default (SD: unet.sample_size x VAE scale).")
+    finetune: Literal["lora", "full"] = Field("lora", description="Train LoRA adapters (peft) or all weights of the denoiser (UNet or transformer).")
     lora: LoraSection = Field(default_factory=LoraSection, description="LoRA shape, used when finetune=lora.")
-    gradient_checkpointing: bool = Field(False, description="Recompute UNet activations in backward to save memory.")
+    gradient_checkpointing: bool = Field(False, description="Recompute denoiser activations in backward to save memory.")
     attention: Literal["sdpa", "default"] = Field("sdpa", description="Attention kernel: PyTorch SDPA or diffusers' default processor.")
 
 
 class SamplingSection(Section):
-    num_steps: int = Field(50, ge=1, description="DDIM steps per image (ddpo-pytorch: 50).")
+    num_steps: int = Field(50, ge=1, description="Denoising steps per training image (ddpo-pytorch: 50 DDIM; Flow-GRPO: 10 train vs 40 eval).")
+    eval_num_steps: Optional[int] = Field(None, ge=1, description="Steps per image in evaluation (raydiff eval --config); None = num_steps. Flow-GRPO trains with fewer steps than it evaluates.")
     guidance_scale: float = Field(5.0, ge=0, description="Classifier-free guidance scale; <= 1 disables the unconditional branch.")
-    eta: float = Field(1.0, ge=0, description="DDIM eta; 1.0 makes every step Gaussian (required for log-probs, 0 gives NaN).")
+    eta: float = Field(1.0, ge=0, description="DDIM eta (sd, sdxl); 1.0 makes every step Gaussian (required for log-probs, 0 gives NaN).")
+    noise_level: float = Field(0.7, ge=0, description="Flow SDE noise level a (sd3, flux): σ_t = a·sqrt(σ/(1−σ)) (Flow-GRPO: 0.7); 0 = the deterministic Euler ODE.")
+    sde_window_size: int = Field(0, ge=0, description="Flow models: stochastic (log-prob) steps per trajectory, the rest deterministic (Flow-GRPO-Fast / MixGRPO); 0 = every step.")
+    sde_window_max_start: int = Field(0, ge=0, description="Flow models with sde_window_size > 0: the window starts at a step drawn uniformly from [0, this] per batch (seeded); 0 = always the first step.")
     batch_size: int = Field(8, ge=1, description="Images per rollout call per rollout worker.")
     negative_prompt: str = Field("", description="Prompt for the unconditional CFG branch.")
 

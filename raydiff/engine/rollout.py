@@ -60,10 +60,10 @@ class RolloutWorker:
         self.cfg, self.rank, self.needs = cfg, rank, needs
         torch.manual_seed(cfg.train.seed)  # same LoRA init as the learner
         self.model = load_model(cfg.model, device)
-        self.model.unet.eval()
+        self.model.denoiser.eval()
         self.rewards = build_reward_fn(cfg.reward)
         self.version = 0
-        self.checksum = state_checksum(trainable_state_dict(self.model.unet))
+        self.checksum = state_checksum(trainable_state_dict(self.model.denoiser))
         self.decode_chunk = runtime_decode_chunk(self.model, cfg.rollout.decode_chunk)
         self._pool = scoring_pool(cfg.rollout.max_scoring_in_flight)
         self._pending: dict[int, tuple] = {}
@@ -82,12 +82,12 @@ class RolloutWorker:
         if actual != checksum:
             log.error("rollout %d: rejected weight update v%d: checksum mismatch (%s != %s)", self.rank, version, actual[:12], checksum[:12])
             return False
-        load_trainable_state_dict(self.model.unet, state)
+        load_trainable_state_dict(self.model.denoiser, state)
         self.version, self.checksum = version, checksum
         return True
 
     def weights_checksum(self) -> tuple[int, str]:
-        return self.version, state_checksum(trainable_state_dict(self.model.unet))
+        return self.version, state_checksum(trainable_state_dict(self.model.denoiser))
 
     def start(self, prompts: list[str], seed: int) -> int:
         """Sample one batch for `prompts` (noise seeded by `seed`), send its images to scoring; returns the key for `finish`."""
