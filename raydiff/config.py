@@ -149,6 +149,25 @@ class RunConfig(Section):
             check(self.sampling)
         return self
 
+    @model_validator(mode="after")
+    def _algorithm_accepts_model(self) -> "RunConfig":
+        """An algorithm whose config declares `step_kinds` (e.g. DDIM-only) refuses other model families."""
+        kinds = getattr(type(self.algorithm), "step_kinds", None)
+        if not kinds:
+            return self
+        from raydiff.models.family import configured_family
+
+        fam = configured_family(self.model)
+        if fam is not None and fam.step_kind not in kinds:
+            from raydiff.models.family import families
+
+            fits = sorted(n for n, f in families().items() if f.step_kind in kinds)
+            raise ConfigError(
+                f"algorithm.name={self.algorithm.name!r} needs a model with {'/'.join(kinds)} steps (model.kind one of "
+                f"{fits}), but model.path={self.model.path!r} (model.kind={self.model.kind!r}) is a {fam.name!r} model "
+                f"with {fam.step_kind} steps; pick a model of those kinds, or an algorithm for {fam.step_kind} models")
+        return self
+
     @property
     def run_dir(self) -> str:
         return self.output.run_dir.replace("${name}", self.name)

@@ -25,6 +25,7 @@ from raydiff.engine.scoring import ScoringJob, scoring_pool
 from raydiff.models.loader import load_model
 from raydiff.models.lora import load_trainable_state_dict, state_checksum, trainable_state_dict
 from raydiff.sampling.conditioning import encode_prompts
+from raydiff.sampling.flow_sampler import draw_window
 from raydiff.sampling.sampler import decode_images, sample
 from raydiff.types import Trajectory
 
@@ -95,10 +96,12 @@ class RolloutWorker:
         t0 = time.perf_counter()
         gen = torch.Generator(device=self.model.device).manual_seed(seed)
         cond = encode_prompts(self.model, prompts, s.negative_prompt)
+        window = draw_window(s.num_steps, s.sde_window_size, s.sde_window_max_start, torch.Generator().manual_seed(seed))
         traj = sample(self.model, cond, prompts, s.num_steps, s.guidance_scale, s.eta, gen, self.version,
                       keep_eps=self.needs.keep_eps, keep_x0=self.needs.intermediate_rewards,
                       keep_noise=self.needs.keep_noise,
-                      x0_guidance=self.needs.intermediate_rewards_guidance, decode_chunk=self.decode_chunk)
+                      x0_guidance=self.needs.intermediate_rewards_guidance, decode_chunk=self.decode_chunk,
+                      noise_level=s.noise_level, sde_window=window)
         jobs = [ScoringJob(self._pool, self.rewards, traj.images, prompts)]
         if self.needs.intermediate_rewards:
             jobs += self._intermediate_jobs(traj)

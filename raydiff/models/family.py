@@ -90,3 +90,24 @@ def detect_family(index: dict, path: str) -> ModelFamily:
             return fam
     raise ConfigError(f"model.path {path!r}: pipeline class {index.get('_class_name')!r} is not a known family; "
                       f"set model.kind to one of {sorted(families())}")
+
+
+def configured_family(model_section) -> Optional[ModelFamily]:
+    """The family a `ModelSection` will load, known without loading: model.kind, a tiny:// name, or a local
+    folder's model_index.json; None for a hub id (checked when it loads)."""
+    import json
+    from pathlib import Path
+
+    if model_section.kind != "auto":
+        return get_family(model_section.kind)
+    path = model_section.path
+    if path.startswith("tiny://"):
+        name = path[len("tiny://"):].split("/")[0]
+        return families().get(name)
+    index = Path(path) / "model_index.json"
+    if index.is_file():
+        try:
+            return detect_family(json.loads(index.read_text()), path)
+        except Exception:
+            return None
+    return None
