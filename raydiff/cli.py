@@ -7,8 +7,8 @@ import sys
 
 
 def _make_tiny(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="raydiff make-tiny", description="Build a tiny random-weight model (diffusers SD/SDXL or CLIP reward), offline.")
-    p.add_argument("--kind", choices=["sd", "sdxl", "clip"], default="sd")
+    p = argparse.ArgumentParser(prog="raydiff make-tiny", description="Build a tiny random-weight model (diffusers SD/SDXL/SD3/FLUX or CLIP reward), offline.")
+    p.add_argument("--kind", choices=["sd", "sdxl", "sd3", "flux", "clip"], default="sd")
     p.add_argument("dir", help="output folder")
     args = p.parse_args(argv)
     if args.kind == "clip":

@@ -25,26 +25,30 @@ class LoraSection(Section):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
     target_modules: list[str] = Field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
-        description="UNet module names that get LoRA adapters (attention projections by default).",
+        description="Denoiser module names that get LoRA adapters (attention projections by default; the same names in UNets and SD3/FLUX transformers).",
     )
 
 
 class ModelSection(Section):
-    path: str = Field("tiny://sd", description="Hub id, local diffusers folder, or tiny://sd | tiny://sdxl (random tiny model, built offline).")
-    kind: Literal["auto", "sd", "sdxl"] = Field("auto", description="Model family; auto reads it from the folder (two text encoders = sdxl).")
+    path: str = Field("tiny://sd", description="Hub id, local diffusers folder, or tiny://sd | sdxl | sd3 | flux (random tiny model, built offline).")
+    kind: Literal["auto", "sd", "sdxl", "sd3", "flux"] = Field("auto", description="Model family (models/family.py); auto reads it from model_index.json.")
     revision: Optional[str] = Field(None, description="Hub revision when `path` is a hub id.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="Weights dtype for frozen parts; auto = float32 on CPU, bfloat16 on GPU. Log-probs are always float32.")
-    resolution: Optional[int] = Field(None, ge=8, description="Image side in pixels; None = the model's default (unet.sample_size x vae scale).")
-    finetune: Literal["lora", "full"] = Field("lora", description="Train LoRA adapters (peft) or all UNet weights.")
+    resolution: Optional[int] = Field(None, ge=8, description="Image side in pixels; None = the model family's default (SD: unet.sample_size x VAE scale).")
+    finetune: Literal["lora", "full"] = Field("lora", description="Train LoRA adapters (peft) or all weights of the denoiser (UNet or transformer).")
     lora: LoraSection = Field(default_factory=LoraSection, description="LoRA shape, used when finetune=lora.")
-    gradient_checkpointing: bool = Field(False, description="Recompute UNet activations in backward to save memory.")
+    gradient_checkpointing: bool = Field(False, description="Recompute denoiser activations in backward to save memory.")
     attention: Literal["sdpa", "default"] = Field("sdpa", description="Attention kernel: PyTorch SDPA or diffusers' default processor.")
 
 
 class SamplingSection(Section):
-    num_steps: int = Field(50, ge=1, description="DDIM steps per image (ddpo-pytorch: 50).")
+    num_steps: int = Field(50, ge=1, description="Denoising steps per training image (ddpo-pytorch: 50 DDIM; Flow-GRPO: 10 train vs 40 eval).")
+    eval_num_steps: Optional[int] = Field(None, ge=1, description="Steps per image in evaluation (raydiff eval --config); None = num_steps. Flow-GRPO trains with fewer steps than it evaluates.")
     guidance_scale: float = Field(5.0, ge=0, description="Classifier-free guidance scale; <= 1 disables the unconditional branch.")
-    eta: float = Field(1.0, ge=0, description="DDIM eta; 1.0 makes every step Gaussian (required for log-probs, 0 gives NaN).")
+    eta: float = Field(1.0, ge=0, description="DDIM eta (sd, sdxl); 1.0 makes every step Gaussian (required for log-probs, 0 gives NaN).")
+    noise_level: float = Field(0.7, ge=0, description="Flow SDE noise level a (sd3, flux): σ_t = a·sqrt(σ/(1−σ)) (Flow-GRPO: 0.7); 0 = the deterministic Euler ODE.")
+    sde_window_size: int = Field(0, ge=0, description="Flow models: stochastic (log-prob) steps per trajectory, the rest deterministic (Flow-GRPO-Fast / MixGRPO); 0 = every step.")
+    sde_window_max_start: int = Field(0, ge=0, description="Flow models with sde_window_size > 0: the window starts at a step drawn uniformly from [0, this] per batch (seeded); 0 = always the first step.")
     batch_size: int = Field(8, ge=1, description="Images per rollout call per rollout worker.")
     negative_prompt: str = Field("", description="Prompt for the unconditional CFG branch.")
 
@@ -143,6 +147,25 @@ class RunConfig(Section):
         check = getattr(self.algorithm, "validate_sampling", None)
         if check is not None:
             check(self.sampling)
+        return self
+
+    @model_validator(mode="after")
+    def _algorithm_accepts_model(self) -> "RunConfig":
+        """An algorithm whose config declares `step_kinds` (e.g. DDIM-only) refuses other model families."""
+        kinds = getattr(type(self.algorithm), "step_kinds", None)
+        if not kinds:
+            return self
+        from raydiff.models.family import configured_family
+
+        fam = configured_family(self.model)
+        if fam is not None and fam.step_kind not in kinds:
+            from raydiff.models.family import families
+
+            fits = sorted(n for n, f in families().items() if f.step_kind in kinds)
+            raise ConfigError(
+                f"algorithm.name={self.algorithm.name!r} needs a model with {'/'.join(kinds)} steps (model.kind one of "
+                f"{fits}), but model.path={self.model.path!r} (model.kind={self.model.kind!r}) is a {fam.name!r} model "
+                f"with {fam.step_kind} steps; pick a model of those kinds, or an algorithm for {fam.step_kind} models")
         return self
 
     @property

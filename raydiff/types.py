@@ -16,12 +16,12 @@ import torch
 
 @dataclass
 class Conditioning:
-    """Text conditioning for N samples (positive and CFG-negative branch)."""
+    """Text conditioning for N samples (positive and CFG-negative branch), as the model family encodes it."""
 
     embeds: torch.Tensor  # (N, L, D)
-    neg_embeds: torch.Tensor  # (N, L, D)
-    pooled: Optional[torch.Tensor] = None  # (N, P) SDXL only
-    neg_pooled: Optional[torch.Tensor] = None  # (N, P) SDXL only
+    neg_embeds: Optional[torch.Tensor] = None  # (N, L, D); None for CFG-free families (FLUX)
+    pooled: Optional[torch.Tensor] = None  # (N, P) SDXL, SD3, FLUX
+    neg_pooled: Optional[torch.Tensor] = None  # (N, P) SDXL, SD3
     time_ids: Optional[torch.Tensor] = None  # (N, 6) SDXL only
 
     def index(self, idx) -> "Conditioning":
@@ -56,12 +56,15 @@ class PromptBatch:
 
 @dataclass
 class Trajectory:
-    """A batch of DDIM trajectories x_T -> x_0 with per-step log-probs, made by policy `version`."""
+    """A batch of trajectories x_T -> x_0 (DDIM or flow SDE) with per-step log-probs, made by policy `version`.
+
+    Flow models store the per-step noise level a in extras['noise_level'] (N, T) (0 = a deterministic step
+    outside the SDE window, whose log-prob is NaN); `eta` is then the configured a."""
 
     prompts: list[str]
     latents: torch.Tensor  # (N, T+1, C, h, w): x_T, ..., x_0
-    timesteps: torch.Tensor  # (T,) scheduler timesteps, same for the whole batch
-    log_probs: torch.Tensor  # (N, T) log p(x_{t-1} | x_t, c), mean over C*h*w, float32
+    timesteps: torch.Tensor  # (T,) scheduler timesteps (flow: σ·1000), same for the whole batch
+    log_probs: torch.Tensor  # (N, T) log p(x_{t-1} | x_t, c), mean over C*h*w, float32 (NaN on deterministic steps)
     cond: Conditioning
     images: np.ndarray  # (N, H, W, 3) uint8
     version: int  # policy version that sampled it

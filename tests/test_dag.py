@@ -10,7 +10,7 @@ from torch.distributions import Normal
 from raydiff.algorithms.dag import DAG, Config, beta_at, rloo_advantages
 from raydiff.config import ModelSection, load_config
 from raydiff.engine.metrics import read_metrics
-from raydiff.engine.policy import Policy
+from raydiff.sampling.policy import Policy
 from raydiff.engine.trainer import Trainer
 from raydiff.models.loader import load_model
 from raydiff.sampling.conditioning import encode_prompts

@@ -7,7 +7,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from raydiff.config import ConfigError, load_config
-from raydiff.sampling.ddim import ddim_step
+from raydiff.sampling.steps.ddim import ddim_step
 
 
 def _scheduler(set_alpha_to_one: bool, steps: int = 4) -> DDIMScheduler:

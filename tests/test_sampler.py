@@ -9,7 +9,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLP
 from raydiff.config import ModelSection
 from raydiff.models.loader import load_model
 from raydiff.sampling.conditioning import encode_prompts
-from raydiff.sampling.ddim import backward_log_prob, ddim_step
+from raydiff.sampling.steps.ddim import backward_log_prob, ddim_step
 from raydiff.sampling.sampler import decode_float, predict_noise, sample
 
 PROMPTS = ["a cat", "a red dog"]
@@ -63,7 +63,7 @@ def test_recomputed_log_prob_equals_sampled(model):
 def test_kept_noise_gives_the_per_element_behaviour_density(model):
     """extras['noise'] is the realised z of the stored x_{t-1}: −z²/2 − log σ − ½ log 2π is the learner's per-element density."""
     from raydiff.algorithms.common import behaviour_element_log_prob
-    from raydiff.engine.policy import Policy
+    from raydiff.sampling.policy import Policy
 
     cond = encode_prompts(model, PROMPTS)
     traj = sample(model, cond, PROMPTS, 4, 5.0, 1.0, torch.Generator().manual_seed(0), keep_noise=True)

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Iterator, Literal
+from typing import ClassVar, Iterator, Literal
 
 import torch
 from pydantic import Field
@@ -48,11 +48,12 @@ from pydantic import Field
 from raydiff.algorithms.base import Algorithm, Needs, shuffled_pieces
 from raydiff.algorithms.common import PROX_KEY, AsyncAlgorithmConfig, attach_proximal_log_probs, decoupled_ppo_terms, trained_steps
 from raydiff.algorithms.flow_net import FlowNet
-from raydiff.sampling.ddim import backward_log_prob
+from raydiff.sampling.steps.ddim import backward_log_prob
 from raydiff.types import Trajectory
 
 
 class Config(AsyncAlgorithmConfig):
+    step_kinds: ClassVar[tuple[str, ...]] = ("ddim",)  # DDIM transitions and the DDIM backward kernel log P_B (ε-prediction UNets: sd, sdxl)
     name: Literal["dag"] = Field("dag", description="Algorithm name.")
     variant: Literal["db", "kl"] = Field("db", description="db: detailed balance trains policy and F_φ; kl: DAG-KL (F_φ on δ² with log P_F detached, policy on a PPO term).")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches of train_batch_size per optimiser step (reference: 4); one step = this x trained timesteps backward calls.")

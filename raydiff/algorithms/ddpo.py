@@ -33,7 +33,7 @@ With `is_baseline`, stale batches use A − b_t, b_t = Σ w A / Σ w over the ba
 from __future__ import annotations
 
 from collections import defaultdict, deque
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ from raydiff.types import Trajectory
 
 
 class Config(AsyncAlgorithmConfig):
+    step_kinds: ClassVar[tuple[str, ...]] = ("ddim",)  # DDIM policy steps with eta (sd, sdxl); flow models use flow_grpo
     name: Literal["ddpo"] = Field("ddpo", description="Algorithm name.")
     clip_range: float = Field(1e-4, gt=0, description="PPO clip ε on the per-step ratio (ddpo-pytorch: 1e-4).")
     adv_clip_max: float = Field(5.0, gt=0, description="Advantages are clipped to ±this.")

@@ -44,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from pathlib import Path
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 from pydantic import Field, model_validator
@@ -58,6 +58,7 @@ from raydiff.types import Conditioning
 
 
 class Config(Section):
+    step_kinds: ClassVar[tuple[str, ...]] = ("ddim",)  # one-step ε-prediction generator and DDIM scores (sd, sdxl)
     name: Literal["diffinstruct_pp"] = Field("diffinstruct_pp", description="Algorithm name.")
     t_star: int = Field(999, ge=0, description="Generator timestep t*: x_0 = (z − σ_t* ε_θ(z, t*, c))/√ᾱ_t*, z ~ N(0, I). Keep the same value to generate from the export (OneStepPipeline).")
     generator_path: Optional[str] = Field(None, description="The distilled one-step generator to align (the paper's regime): a LoRA export folder or .safetensors (model.finetune=lora) or a diffusers UNet folder (model.finetune=full). Required unless distill_from_reference.")
@@ -147,7 +148,7 @@ class DiffInstructPP(Algorithm):
             raise ConfigError(f"algorithm.t_min={config.t_min} must be <= algorithm.t_max={config.t_max}")
         self._rewards = None
         if reward is not None:
-            from raydiff.algorithms.alignprop import RewardBackprop
+            from raydiff.algorithms.reward_backprop import RewardBackprop
 
             self._rewards = RewardBackprop.build_rewards(reward)
         self.assistant: Optional[AssistantDiffusion] = None

@@ -25,7 +25,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from raydiff.algorithms.alignprop import RewardBackprop, RewardBackpropConfig
+from raydiff.algorithms.reward_backprop import RewardBackprop, RewardBackpropConfig
 from raydiff.sampling.differentiable import GradPlan, last_k
 
 

@@ -27,11 +27,11 @@ from raydiff.types import Trajectory
 
 
 class _Container(torch.nn.Module):
-    """UNet plus algorithm modules as one module, so ZeRO-3 partitions and gathers all of them."""
+    """The denoiser (UNet or transformer) plus algorithm modules as one module, so ZeRO-3 partitions and gathers all of them."""
 
-    def __init__(self, unet, modules: dict):
+    def __init__(self, denoiser, modules: dict):
         super().__init__()
-        self.unet = unet
+        self.denoiser = denoiser
         self.extra = torch.nn.ModuleDict(modules)
 
 
@@ -44,7 +44,7 @@ class DistributedLearner:
         use_gpu = cfg.learner.use_gpu and torch.cuda.is_available()
 
         def stepper(groups, learner_cfg, acc):
-            self.container = _Container(self.learner.model.unet, self.learner.modules)
+            self.container = _Container(self.learner.model.denoiser, self.learner.modules)
             return DeepSpeedStepper(self.container, groups, learner_cfg, acc, use_gpu)
 
         self.learner = _PreStepperLearner(cfg, rank, world_size, stepper, self)
@@ -60,20 +60,20 @@ class DistributedLearner:
         if kind == "publish":
             return self.publish()
         if kind == "checksum":
-            return state_checksum(self._unet_state())
+            return state_checksum(self._denoiser_state())
         if kind == "save":
             return self.save(task[1])
         if kind == "load":
             return self.load(task[1])
         raise ValueError(f"unknown learner task {kind!r}")
 
-    def _unet_state(self, full: dict | None = None) -> dict:
-        """The UNet's trainable weights, named as `trainable_state_dict(unet)` (gathers when `full` is None)."""
+    def _denoiser_state(self, full: dict | None = None) -> dict:
+        """The denoiser's trainable weights, named as `trainable_state_dict(denoiser)` (gathers when `full` is None)."""
         full = self.learner.stepper.gathered_trainable_state() if full is None else full
-        return {k[len("unet."):]: v for k, v in full.items() if k.startswith("unet.")}
+        return {k[len("denoiser."):]: v for k, v in full.items() if k.startswith("denoiser.")}
 
     def publish(self):
-        state = self._unet_state()  # collective under ZeRO-3: every rank calls it
+        state = self._denoiser_state()  # collective under ZeRO-3: every rank calls it
         if self.learner.rank != 0:
             return None
         update = {"version": self.learner.version, "state": state, "checksum": state_checksum(state)}
@@ -86,7 +86,7 @@ class DistributedLearner:
         L.stepper.save_checkpoint(str(d / "deepspeed"), tag="state",
                                   client_state={"version": L.version, "rng": L.rng.get_state()})
         full = L.stepper.gathered_trainable_state()  # collective under ZeRO-3
-        state = self._unet_state(full)
+        state = self._denoiser_state(full)
         if L.rank == 0:
             if L.stepper.zero_stage == 3:  # module params are partitioned: take the gathered trainable ones
                 modules = {name: {k.split(".", 2)[2]: v for k, v in full.items() if k.startswith(f"extra.{name}.")} for name in L.modules}

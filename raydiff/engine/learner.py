@@ -15,7 +15,7 @@ import torch
 
 from raydiff.algorithms.registry import make_algorithm
 from raydiff.engine.optim import TorchStepper
-from raydiff.engine.policy import Policy
+from raydiff.sampling.policy import Policy
 from raydiff.models.loader import load_model
 from raydiff.models.lora import export_weights, load_trainable_state_dict, state_checksum, trainable_state_dict
 from raydiff.types import PromptBatch, Trajectory
@@ -54,7 +54,7 @@ class Learner:
         extra: dict = {}
         maxes: dict[str, float] = {}
         count = 0
-        self.model.unet.train()
+        self.model.denoiser.train()
         t_prep = time.perf_counter()
         batch = self.algorithm.prepare_batch(self.policy, batch)  # once, before the first optimiser step on it
         t_prep = time.perf_counter() - t_prep
@@ -70,7 +70,7 @@ class Learner:
                 else:
                     extra[k] = v
             count += 1
-        self.model.unet.eval()
+        self.model.denoiser.eval()
         self.version += 1
         # Bare names go under train/; names an algorithm already namespaced (reward/mean, grad/norm) stay as they are.
         out = {(k if "/" in k else f"train/{k}"): v / max(count, 1) for k, v in sums.items()}
@@ -83,14 +83,14 @@ class Learner:
 
     def publish(self) -> dict:
         """{version, state, checksum} of the trainable weights, for rollout workers."""
-        state = trainable_state_dict(self.model.unet)
+        state = trainable_state_dict(self.model.denoiser)
         return {"version": self.version, "state": state, "checksum": state_checksum(state)}
 
     def save(self, directory: str) -> None:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         torch.save({
-            "weights": trainable_state_dict(self.model.unet),
+            "weights": trainable_state_dict(self.model.denoiser),
             "modules": {k: m.state_dict() for k, m in self.modules.items()},
             "stepper": self.stepper.state_dict(),
             "version": self.version,
@@ -100,7 +100,7 @@ class Learner:
 
     def load(self, directory: str) -> None:
         state = torch.load(Path(directory) / "learner.pt", weights_only=False)
-        load_trainable_state_dict(self.model.unet, state["weights"])
+        load_trainable_state_dict(self.model.denoiser, state["weights"])
         for k, m in self.modules.items():
             m.load_state_dict(state["modules"][k], strict=False)
         if "stepper" in state:  # absent in DeepSpeed checkpoints (optimiser state under deepspeed/)

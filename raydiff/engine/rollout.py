@@ -25,6 +25,7 @@ from raydiff.engine.scoring import ScoringJob, scoring_pool
 from raydiff.models.loader import load_model
 from raydiff.models.lora import load_trainable_state_dict, state_checksum, trainable_state_dict
 from raydiff.sampling.conditioning import encode_prompts
+from raydiff.sampling.flow_sampler import draw_window
 from raydiff.sampling.sampler import decode_images, sample
 from raydiff.types import Trajectory
 
@@ -60,10 +61,10 @@ class RolloutWorker:
         self.cfg, self.rank, self.needs = cfg, rank, needs
         torch.manual_seed(cfg.train.seed)  # same LoRA init as the learner
         self.model = load_model(cfg.model, device)
-        self.model.unet.eval()
+        self.model.denoiser.eval()
         self.rewards = build_reward_fn(cfg.reward)
         self.version = 0
-        self.checksum = state_checksum(trainable_state_dict(self.model.unet))
+        self.checksum = state_checksum(trainable_state_dict(self.model.denoiser))
         self.decode_chunk = runtime_decode_chunk(self.model, cfg.rollout.decode_chunk)
         self._pool = scoring_pool(cfg.rollout.max_scoring_in_flight)
         self._pending: dict[int, tuple] = {}
@@ -82,12 +83,12 @@ class RolloutWorker:
         if actual != checksum:
             log.error("rollout %d: rejected weight update v%d: checksum mismatch (%s != %s)", self.rank, version, actual[:12], checksum[:12])
             return False
-        load_trainable_state_dict(self.model.unet, state)
+        load_trainable_state_dict(self.model.denoiser, state)
         self.version, self.checksum = version, checksum
         return True
 
     def weights_checksum(self) -> tuple[int, str]:
-        return self.version, state_checksum(trainable_state_dict(self.model.unet))
+        return self.version, state_checksum(trainable_state_dict(self.model.denoiser))
 
     def start(self, prompts: list[str], seed: int) -> int:
         """Sample one batch for `prompts` (noise seeded by `seed`), send its images to scoring; returns the key for `finish`."""
@@ -95,10 +96,12 @@ class RolloutWorker:
         t0 = time.perf_counter()
         gen = torch.Generator(device=self.model.device).manual_seed(seed)
         cond = encode_prompts(self.model, prompts, s.negative_prompt)
+        window = draw_window(s.num_steps, s.sde_window_size, s.sde_window_max_start, torch.Generator().manual_seed(seed))
         traj = sample(self.model, cond, prompts, s.num_steps, s.guidance_scale, s.eta, gen, self.version,
                       keep_eps=self.needs.keep_eps, keep_x0=self.needs.intermediate_rewards,
                       keep_noise=self.needs.keep_noise,
-                      x0_guidance=self.needs.intermediate_rewards_guidance, decode_chunk=self.decode_chunk)
+                      x0_guidance=self.needs.intermediate_rewards_guidance, decode_chunk=self.decode_chunk,
+                      noise_level=s.noise_level, sde_window=window)
         jobs = [ScoringJob(self._pool, self.rewards, traj.images, prompts)]
         if self.needs.intermediate_rewards:
             jobs += self._intermediate_jobs(traj)

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-per-prompt", type=int, default=4, help="samples per prompt (K)")
     p.add_argument("--limit", type=int, help="use the first N prompts")
     p.add_argument("--per-tag", type=int, help="GenEval: the first N prompts of each tag (all six tags in a short run)")
-    p.add_argument("--steps", type=int, help="DDIM steps (default: the checkpoint's sampling.num_steps, else 50)")
+    p.add_argument("--steps", type=int, help="Denoising steps (default: the checkpoint's sampling.eval_num_steps, else its num_steps, else 50)")
     p.add_argument("--guidance", type=float, help="CFG scale (default: the checkpoint's, else 5.0)")
     p.add_argument("--eta", type=float, help="DDIM eta (default: the checkpoint's, else 1.0)")
     p.add_argument("--resolution", type=int, help="image side in pixels (default: the model's)")
@@ -126,7 +126,7 @@ def evaluate(args) -> dict:
     pset = resolve_prompt_set(args.prompts, args.category, args.limit, args.per_tag)
     specs = policies(args)
     sampling = next((p.sampling for p in specs if p.sampling), None) or {}
-    steps = args.steps or sampling.get("num_steps", 50)
+    steps = args.steps or sampling.get("eval_num_steps") or sampling.get("num_steps", 50)
     guidance = args.guidance if args.guidance is not None else sampling.get("guidance_scale", 5.0)
     eta = args.eta if args.eta is not None else sampling.get("eta", 1.0)
     K = args.num_per_prompt

@@ -5,7 +5,7 @@ trainable weights live. Weights load one of two ways:
   1. `learner/learner.pt` + the checkpoint's `config.yaml`: the exact trainable state
      (LoRA or full UNet) of the run, loaded with `load_trainable_state_dict`;
   2. `learner/export/` (what plain diffusers loads): the LoRA safetensors via
-     `unet.load_lora_adapter`, or `export/unet/` for a full fine-tune, on top of `--base`.
+     `denoiser.load_lora_adapter`, or `export/unet/` (`transformer/`) for a full fine-tune, on top of `--base`.
 
 Noise is common between policies: sample i of prompt p is item `p*K + i`; items are
 chunked into batches in that order and batch j uses seed `seed + j`, so two policies see
@@ -82,7 +82,7 @@ class EvalWorker:
     """Holds one policy's model; `generate(prompts, seed)` -> uint8 images (N, H, W, 3)."""
 
     def __init__(self, spec: PolicySpec, num_steps: int, guidance_scale: float, eta: float = 1.0,
-                 negative_prompt: str = "", torch_threads: int = 1, use_gpu: bool = False):
+                 negative_prompt: str = "", torch_threads: int = 1, use_gpu: bool = False, noise_level: float = 0.0):
         from raydiff.config import ModelSection
         from raydiff.models.loader import load_model
 
@@ -90,9 +90,10 @@ class EvalWorker:
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         torch.manual_seed(0)
         self.model = load_model(ModelSection(**spec.model), device)
-        self.model.unet.eval()
+        self.model.denoiser.eval()
         load_policy_weights(self.model, spec)
         self.num_steps, self.guidance_scale, self.eta, self.negative_prompt = num_steps, guidance_scale, eta, negative_prompt
+        self.noise_level = noise_level  # flow families: 0 = the deterministic ODE sampler (Flow-GRPO evaluates so)
 
     def ready(self) -> bool:
         return True
@@ -103,7 +104,8 @@ class EvalWorker:
 
         gen = torch.Generator(device=self.model.device).manual_seed(seed)
         cond = encode_prompts(self.model, prompts, self.negative_prompt)
-        return sample(self.model, cond, prompts, self.num_steps, self.guidance_scale, self.eta, gen).images
+        return sample(self.model, cond, prompts, self.num_steps, self.guidance_scale, self.eta, gen,
+                      noise_level=self.noise_level).images
 
 
 def load_policy_weights(model, spec: PolicySpec) -> None:
@@ -111,17 +113,15 @@ def load_policy_weights(model, spec: PolicySpec) -> None:
         from raydiff.models.lora import load_trainable_state_dict
 
         state = torch.load(spec.learner_pt, map_location="cpu", weights_only=False)["weights"]
-        load_trainable_state_dict(model.unet, state)
+        load_trainable_state_dict(model.denoiser, state)
     elif spec.export_dir:
-        export = Path(spec.export_dir)
-        if (export / "unet").is_dir():  # full fine-tune: a diffusers UNet folder
-            from diffusers import UNet2DConditionModel
-
-            unet = UNet2DConditionModel.from_pretrained(str(export / "unet"), dtype=model.dtype).to(model.device)
-            model.unet.load_state_dict(unet.state_dict())
+        export, folder = Path(spec.export_dir), model.family.denoiser_folder
+        if (export / folder).is_dir():  # full fine-tune: a diffusers unet/ or transformer/ folder
+            full = type(model.denoiser).from_pretrained(str(export / folder), dtype=model.dtype).to(model.device)
+            model.denoiser.load_state_dict(full.state_dict(), strict=False)
         else:
             weight = "pytorch_lora_weights.safetensors" if (export / "pytorch_lora_weights.safetensors").is_file() else None
-            model.unet.load_lora_adapter(str(export), weight_name=weight, prefix="unet", adapter_name="checkpoint")
+            model.denoiser.load_lora_adapter(str(export), weight_name=weight, prefix=folder, adapter_name="checkpoint")
 
 
 def batches(num_prompts: int, per_prompt: int, batch_size: int, seed: int) -> list[tuple[list[int], int]]:

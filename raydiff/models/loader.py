@@ -1,8 +1,9 @@
-"""Load SD 1.x / SDXL components from a hub id, a local diffusers folder or `tiny://`.
+"""Load a model of any family (SD, SDXL, SD3, FLUX) from a hub id, a local diffusers folder or `tiny://`.
 
 One path for real and tiny models: tests build tiny folders and load them here.
-Frozen parts (VAE, text encoders) get `model.dtype`; the UNet gets LoRA (peft)
-or is fully trainable, per `model.finetune`.
+The family (models/family.py) says which components to load and how to use them;
+frozen parts (VAE, text encoders) get `model.dtype`; the denoiser (UNet or
+transformer) gets LoRA (peft) or is fully trainable, per `model.finetune`.
 """
 
 from __future__ import annotations
@@ -20,20 +21,32 @@ from raydiff.models.weights import resolve_weights
 
 @dataclass
 class DiffusionModel:
-    """Everything needed to sample and train: modules, tokenizers, scheduler, kind."""
+    """Everything needed to sample and train: modules, tokenizers, scheduler, and the family that uses them."""
 
-    kind: str  # "sd" | "sdxl"
-    unet: Any
+    kind: str  # the family's name: "sd" | "sdxl" | "sd3" | "flux"
+    denoiser: Any  # the trainable network: UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel
     vae: Any
     text_encoders: list
     tokenizers: list
-    scheduler: Any  # DDIMScheduler
+    scheduler: Any  # DDIMScheduler | FlowMatchEulerDiscreteScheduler
     resolution: int
     device: torch.device
     dtype: torch.dtype
     source: str
     force_zeros_for_empty_prompt: bool = False
     extra: dict = field(default_factory=dict)
+
+    @property
+    def family(self):
+        """The `ModelFamily` behind `kind`: encode, predict, noise, decode, export."""
+        from raydiff.models.family import get_family
+
+        return get_family(self.kind)
+
+    @property
+    def unet(self):
+        """The denoiser under its SD name, for UNet-specific code (DDIM-only algorithms, older callers)."""
+        return self.denoiser
 
     @property
     def vae_scale_factor(self) -> int:
@@ -44,7 +57,7 @@ class DiffusionModel:
         return self.resolution // self.vae_scale_factor
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.unet.parameters() if p.requires_grad]
+        return [p for p in self.denoiser.parameters() if p.requires_grad]
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -62,7 +75,7 @@ def read_model_index(path: str, revision: Optional[str] = None) -> dict:
             raise ConfigError(f"model.path {path!r} is a folder without model_index.json; point it at a diffusers pipeline folder (e.g. one saved by save_pretrained or `raydiff make-tiny`)")
         return json.loads(f.read_text())
     if path.startswith(("/", "./", "../", "~")) or local.suffix:
-        raise ConfigError(f"model.path {path!r} does not exist; give an existing diffusers folder, a hub id, or tiny://sd")
+        raise ConfigError(f"model.path {path!r} does not exist; give an existing diffusers folder, a hub id, or tiny://sd (sdxl, sd3, flux)")
     try:
         from diffusers import DiffusionPipeline
 
@@ -72,41 +85,32 @@ def read_model_index(path: str, revision: Optional[str] = None) -> dict:
 
 
 def load_model(cfg, device: str | torch.device = "cpu") -> DiffusionModel:
-    """Build a DiffusionModel from a `ModelSection`; the UNet is made trainable per `cfg.finetune`."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    """Build a DiffusionModel from a `ModelSection`; the denoiser is made trainable per `cfg.finetune`."""
+    from raydiff.models.family import detect_family, get_family
 
     device = torch.device(device)
     path = resolve_weights(cfg.path, "model.path")
     index = read_model_index(path, cfg.revision)
-    kind = cfg.kind if cfg.kind != "auto" else ("sdxl" if "text_encoder_2" in index else "sd")
+    family = get_family(cfg.kind) if cfg.kind != "auto" else detect_family(index, cfg.path)
     dtype = resolve_dtype(cfg.dtype, device)
-    kw = dict(revision=cfg.revision)
-    tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)]
-    text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, **kw)]
-    if kind == "sdxl":
-        tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw))
-        text_encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", dtype=dtype, **kw))
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype, **kw)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=dtype, **kw)
-    scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
-    for m in [vae, unet, *text_encoders]:
+    parts = family.load_components(path, dtype, cfg.revision)
+    for m in [parts["vae"], parts["denoiser"], *parts["text_encoders"]]:
         m.requires_grad_(False)
         m.eval()
         m.to(device)
-    if cfg.attention == "sdpa":
+    if cfg.attention == "sdpa" and family.denoiser_folder == "unet":  # transformers already use SDPA processors
         from diffusers.models.attention_processor import AttnProcessor2_0
 
-        unet.set_attn_processor(AttnProcessor2_0())
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    resolution = cfg.resolution or unet.config.sample_size * vae_scale
-    if resolution % vae_scale:
-        raise ConfigError(f"model.resolution={resolution} must be a multiple of the VAE scale factor {vae_scale}")
+        parts["denoiser"].set_attn_processor(AttnProcessor2_0())
     model = DiffusionModel(
-        kind=kind, unet=unet, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers,
-        scheduler=scheduler, resolution=resolution, device=device, dtype=dtype, source=path,
-        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", kind == "sdxl")),
+        kind=family.name, resolution=0, device=device, dtype=dtype, source=path,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", family.name == "sdxl")), **parts,
     )
+    vae_scale = model.vae_scale_factor
+    model.resolution = cfg.resolution or family.default_resolution(model)
+    step = vae_scale * (2 if family.step_kind == "flow" else 1)  # flow transformers patchify latents by 2
+    if model.resolution % step:
+        raise ConfigError(f"model.resolution={model.resolution} must be a multiple of {step} for model.kind={family.name} (VAE scale factor {vae_scale})")
     from raydiff.models.lora import make_trainable
 
     make_trainable(model, cfg)

@@ -1,4 +1,4 @@
-"""Trainable weights: LoRA adapters (peft) or the full UNet; export in formats plain diffusers loads.
+"""Trainable weights: LoRA adapters (peft) or the full denoiser; export in formats plain diffusers loads.
 
 Weight sync and checkpoints move only `trainable_state_dict` (LoRA: a few MB),
 with a checksum so a receiver can verify before loading.
@@ -13,37 +13,37 @@ import torch
 
 
 def make_trainable(model, cfg) -> None:
-    """Add LoRA adapters (kept in float32) or unfreeze the UNet, per cfg.finetune."""
-    unet = model.unet
+    """Add LoRA adapters (kept in float32) or unfreeze the denoiser, per cfg.finetune."""
+    net = model.denoiser
     if cfg.finetune == "lora":
         from peft import LoraConfig
 
-        unet.add_adapter(
+        net.add_adapter(
             LoraConfig(
                 r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                 init_lora_weights="gaussian", target_modules=list(cfg.lora.target_modules),
             )
         )
-        for name, p in unet.named_parameters():
+        for name, p in net.named_parameters():
             if "lora_" in name:
                 p.data = p.data.float()
                 p.requires_grad_(True)
-        if not any(p.requires_grad for p in unet.parameters()):
-            raise ValueError(f"model.lora.target_modules={cfg.lora.target_modules} matched no UNet module")
+        if not any(p.requires_grad for p in net.parameters()):
+            raise ValueError(f"model.lora.target_modules={cfg.lora.target_modules} matched no {model.family.denoiser_folder} module")
     else:
-        unet.requires_grad_(True)
+        net.requires_grad_(True)
     if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        net.enable_gradient_checkpointing()
 
 
-def trainable_state_dict(unet) -> dict[str, torch.Tensor]:
+def trainable_state_dict(net) -> dict[str, torch.Tensor]:
     """Detached CPU copies of the parameters that train (LoRA or all UNet weights)."""
-    return {n: p.detach().to("cpu", copy=True) for n, p in unet.named_parameters() if p.requires_grad}
+    return {n: p.detach().to("cpu", copy=True) for n, p in net.named_parameters() if p.requires_grad}
 
 
-def load_trainable_state_dict(unet, state: dict[str, torch.Tensor]) -> None:
+def load_trainable_state_dict(net, state: dict[str, torch.Tensor]) -> None:
     """Copy `state` into the matching trainable parameters; names must match exactly."""
-    params = dict(unet.named_parameters())
+    params = dict(net.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in state]
     unknown = [n for n in state if n not in params]
     if missing or unknown:
@@ -65,33 +65,32 @@ def state_checksum(state: dict[str, torch.Tensor]) -> str:
 
 
 def export_weights(model, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None) -> str:
-    """Save LoRA so `pipe.load_lora_weights(out_dir)` works, or the full UNet as a diffusers folder.
+    """Save LoRA so `pipe.load_lora_weights(out_dir)` works, or the full denoiser as a diffusers folder.
 
-    `state` (trainable weights by parameter name, e.g. gathered from ZeRO-3 shards) is used
-    instead of the module's own parameters when given; the module is not modified.
+    The pipeline class and the LoRA key prefix (`unet.` / `transformer.`) come from the model's
+    family. `state` (trainable weights by parameter name, e.g. gathered from ZeRO-3 shards) is
+    used instead of the module's own parameters when given; the module is not modified.
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    unet = model.unet
-    if getattr(unet, "peft_config", None):
+    family, net = model.family, model.denoiser
+    folder = out / family.denoiser_folder
+    if getattr(net, "peft_config", None):
         from peft.utils import get_peft_model_state_dict
 
-        pipe_cls = StableDiffusionXLPipeline if model.kind == "sdxl" else StableDiffusionPipeline
-        layers = get_peft_model_state_dict(unet, state_dict=state) if state is not None else get_peft_model_state_dict(unet)
+        layers = get_peft_model_state_dict(net, state_dict=state) if state is not None else get_peft_model_state_dict(net)
         layers = {k: v.detach().cpu().float() for k, v in layers.items()}
         # Metadata keeps alpha != rank strengths right on reload (NOTES-diffusers.md).
-        pipe_cls.save_lora_weights(
-            str(out), unet_lora_layers=layers,
-            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-        )
+        pipe_cls = getattr(diffusers, family.pipeline_class)
+        pipe_cls.save_lora_weights(str(out), **family.lora_save_kwargs(layers, net.peft_config["default"].to_dict()))
     elif state is None:
-        unet.save_pretrained(str(out / "unet"))
+        net.save_pretrained(str(folder))
     else:
         from safetensors.torch import save_file
 
-        (out / "unet").mkdir(exist_ok=True)
-        unet.save_config(str(out / "unet"))
-        save_file({k: v.contiguous() for k, v in state.items()}, str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+        folder.mkdir(exist_ok=True)
+        net.save_config(str(folder))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "diffusion_pytorch_model.safetensors"))
     return str(out)

@@ -1,4 +1,4 @@
-"""Tiny random-weight SD / SDXL models in diffusers format, built offline.
+"""Tiny random-weight SD / SDXL (here) and SD3 / FLUX (`tiny_flow.py`) models in diffusers format, built offline.
 
 Tests and the embedded default load these through the same `from_pretrained`
 code path as real checkpoints. `tiny://sd` and `tiny://sdxl` resolve to a
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-TINY_KINDS = ("sd", "sdxl")
+TINY_KINDS = ("sd", "sdxl", "sd3", "flux")
 _BUILD_VERSION = "2"  # bump when the tiny architecture changes, so caches rebuild
 
 
@@ -25,7 +25,7 @@ def cache_dir() -> Path:
 
 
 def tiny_folder(kind: str) -> str:
-    """The cached build behind `tiny://sd` / `tiny://sdxl` (built on first use)."""
+    """The cached build behind `tiny://sd|sdxl|sd3|flux` (built on first use)."""
     out = cache_dir() / f"tiny-{kind}-v{_BUILD_VERSION}"
     if not (out / "model_index.json").is_file():
         build_tiny(kind, out)
@@ -33,12 +33,12 @@ def tiny_folder(kind: str) -> str:
 
 
 def resolve_tiny(path: str) -> str:
-    """Map `tiny://sd|sdxl` to a built folder; other paths pass through unchanged."""
+    """Map `tiny://sd|sdxl|sd3|flux` to a built folder; other paths pass through unchanged."""
     if not path.startswith("tiny://"):
         return path
     kind = path[len("tiny://"):]
     if kind not in TINY_KINDS:
-        raise ValueError(f"model.path {path!r}: unknown tiny model; use tiny://sd or tiny://sdxl")
+        raise ValueError(f"model.path {path!r}: unknown tiny model; use one of " + ", ".join(f"tiny://{k}" for k in TINY_KINDS))
     return tiny_folder(kind)
 
 
@@ -86,7 +86,7 @@ def _text_encoder(hidden: int, projection: int | None, vocab_size: int, max_leng
 
 
 def build_tiny(kind: str, out_dir: str | Path, seed: int = 0) -> str:
-    """Build a tiny random `kind` ('sd' or 'sdxl') pipeline folder at out_dir (atomically) and return its path."""
+    """Build a tiny random `kind` (one of TINY_KINDS) pipeline folder at out_dir (atomically) and return its path."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
     if kind not in TINY_KINDS:
@@ -96,9 +96,15 @@ def build_tiny(kind: str, out_dir: str | Path, seed: int = 0) -> str:
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
     torch.manual_seed(seed)
     max_length = 16
-    _save_tokenizer(tmp / "tokenizer", max_length)
     vocab_size = len(_byte_vocab()[0])
     eos = vocab_size - 1
+    if kind in ("sd3", "flux"):
+        from raydiff.models import tiny_flow
+
+        build = tiny_flow.build_sd3 if kind == "sd3" else tiny_flow.build_flux
+        tiny_flow.write_index(tmp, build(tmp, _save_tokenizer, _text_encoder, vocab_size, eos, max_length))
+        return _publish(tmp, out)
+    _save_tokenizer(tmp / "tokenizer", max_length)
     te1 = _text_encoder(32, None, vocab_size, max_length, eos)
     te1.save_pretrained(tmp / "text_encoder")
     cross_dim = 32
@@ -150,6 +156,11 @@ def build_tiny(kind: str, out_dir: str | Path, seed: int = 0) -> str:
     else:
         index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    return _publish(tmp, out)
+
+
+def _publish(tmp: Path, out: Path) -> str:
+    """Move the finished build into place (a concurrent builder may have won: keep theirs)."""
     if out.exists():
         shutil.rmtree(out)
     try:

@@ -18,6 +18,8 @@ TINY_PREFIX = "tiny://"
 _TINY_BUILDERS = {
     "sd": "raydiff.models.tiny:tiny_folder",
     "sdxl": "raydiff.models.tiny:tiny_folder",
+    "sd3": "raydiff.models.tiny:tiny_folder",
+    "flux": "raydiff.models.tiny:tiny_folder",
     "clip": "raydiff.models.tiny_clip:tiny_folder",
     "owl": "raydiff.rewards.tiny_builders:tiny_folder",
     "trocr": "raydiff.rewards.tiny_builders:tiny_folder",

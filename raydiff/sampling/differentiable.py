@@ -42,7 +42,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from raydiff.sampling.ddim import alphas_at, ddim_step
+from raydiff.sampling.steps.ddim import alphas_at, ddim_step
 from raydiff.sampling.sampler import decode_float, initial_noise, predict_noise
 from raydiff.types import Conditioning
 

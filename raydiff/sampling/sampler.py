@@ -1,52 +1,31 @@
-"""Sample DDIM trajectories with per-step log-probs (the rollout policy).
+"""Sample trajectories with per-step log-probs (the rollout policy): DDIM here, flow SDE in flow_sampler.py.
 
 Initial noise and step noise come from one generator in the same order as
 diffusers' pipelines, so with the same seed the images equal
-`StableDiffusion(XL)Pipeline(..., eta=eta)` output. CFG runs both branches in
-one batched UNet call (negative first, as diffusers does).
+`StableDiffusion(XL)Pipeline(..., eta=eta)` output. The network is called through
+the model's family (`model.family.predict`); `sample` picks the loop by the family's
+step kind, so callers never test the model's kind.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import numpy as np
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
-from raydiff.sampling.ddim import alphas_at, ddim_step
+from raydiff.models.sd import autocast_for  # noqa: F401  (re-exported: older callers import it from here)
+from raydiff.sampling.steps.ddim import alphas_at, ddim_step
 from raydiff.types import Conditioning, Trajectory
 
 
-def autocast_for(model):
-    """bf16/fp16 autocast on GPU when the frozen weights are half precision; nothing on CPU fp32."""
-    if model.device.type == "cuda" and model.dtype != torch.float32:
-        return torch.autocast("cuda", dtype=model.dtype)
-    return contextlib.nullcontext()
-
-
 def predict_noise(model, x: torch.Tensor, t, cond: Conditioning, guidance_scale: float, unet=None, return_cond: bool = False):
-    """ε̂(x_t, t, c) with classifier-free guidance: ε_u + w (ε_c − ε_u), both branches in one call.
+    """The family's network output with guidance: ε̂ (SD/SDXL, CFG in one batched call) or v̂ (SD3/FLUX).
 
-    `return_cond=True` returns (ε̂, ε_c): the conditional branch comes free with CFG.
+    `unet` overrides the model's denoiser (an assistant network); `return_cond=True` returns
+    (output, conditional-branch output): the conditional branch comes free with CFG.
     """
-    unet = unet or model.unet
-    cfg = guidance_scale > 1.0
-    x_in = torch.cat([x, x]) if cfg else x
-    embeds = torch.cat([cond.neg_embeds, cond.embeds]) if cfg else cond.embeds
-    added = None
-    if cond.pooled is not None:
-        pooled = torch.cat([cond.neg_pooled, cond.pooled]) if cfg else cond.pooled
-        time_ids = torch.cat([cond.time_ids, cond.time_ids]) if cfg else cond.time_ids
-        added = {"text_embeds": pooled, "time_ids": time_ids}
-    with autocast_for(model):
-        out = unet(x_in.to(embeds.dtype) if not x_in.is_floating_point() else x_in, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
-    if not cfg:
-        return (out, out) if return_cond else out
-    eps_u, eps_c = out.chunk(2)
-    eps = eps_u + guidance_scale * (eps_c - eps_u)
-    return (eps, eps_c) if return_cond else eps
+    return model.family.predict(model, x, t, cond, guidance_scale, denoiser=unet, return_cond=return_cond)
 
 
 @torch.no_grad()
@@ -64,10 +43,7 @@ def decode_images(model, latents: torch.Tensor, chunk: Optional[int] = None) -> 
 
 def decode_float(model, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> float images (N, 3, H, W) in [0, 1]; keeps the graph (differentiable rewards use it)."""
-    vae = model.vae
-    z = latents.to(vae.dtype) / vae.config.scaling_factor
-    img = vae.decode(z, return_dict=False)[0]
-    return (img.float() / 2 + 0.5).clamp(0, 1)
+    return model.family.decode(model, latents)
 
 
 def predict_x0(scheduler, eps: torch.Tensor, t, x_t: torch.Tensor) -> torch.Tensor:
@@ -80,9 +56,8 @@ def predict_x0(scheduler, eps: torch.Tensor, t, x_t: torch.Tensor) -> torch.Tens
 
 
 def initial_noise(model, n: int, generator: Optional[torch.Generator]) -> torch.Tensor:
-    shape = (n, model.unet.config.in_channels, model.latent_size, model.latent_size)
-    x = randn_tensor(shape, generator=generator, device=model.device, dtype=model.dtype)
-    return x * model.scheduler.init_noise_sigma
+    """x_T (N, C, h, w) as the family's diffusers pipeline draws it."""
+    return model.family.initial_noise(model, n, generator)
 
 
 @torch.no_grad()
@@ -102,8 +77,13 @@ def sample(
     x0_guidance: str = "cfg",
     progress: bool = False,
     decode_chunk: Optional[int] = None,
+    noise_level: float = 0.7,
+    sde_window: Optional[tuple[int, int]] = None,
 ) -> Trajectory:
-    """Run the DDIM chain; returns latents x_T..x_0, log-probs, images.
+    """Run the denoising chain; returns latents x_T..x_0, log-probs, images.
+
+    Flow families (SD3, FLUX) go to `flow_sampler.sample_flow` with `noise_level` a and the
+    SDE window [start, end) of stochastic steps (None = all); `eta` and `keep_eps` are DDIM's.
 
     `keep_eps` stores ε̂ per step (extras['eps'], (N, T, C, h, w)); `keep_x0` stores the
     predicted x̂_0 per step (extras['x0_pred'], same shape) for intermediate rewards, from the CFG ε̂
@@ -112,8 +92,13 @@ def sample(
     `keep_noise` stores the realised step noise z = (x_{t-1} − μ)/σ (extras['noise'], same shape):
     the behaviour policy's per-element log-density is −z²/2 − log σ − ½ log 2π.
     """
+    if model.family.step_kind == "flow":
+        from raydiff.sampling.flow_sampler import sample_flow
+
+        return sample_flow(model, cond, prompts, num_steps, guidance_scale, noise_level, sde_window, generator, version,
+                           keep_x0=keep_x0, keep_noise=keep_noise, latents=latents, progress=progress, decode_chunk=decode_chunk)
     sched = model.scheduler
-    sched.set_timesteps(num_steps, device=model.device)
+    model.family.set_timesteps(model, num_steps)
     x = initial_noise(model, len(prompts), generator) if latents is None else latents
     xs, log_probs, eps_all, x0_all, noise_all = [x], [], [], [], []
     steps = sched.timesteps

@@ -1,0 +1,70 @@
+"""The learner's view of the model: recompute log p_θ(x_{t-1} | x_t, c) for stored transitions.
+
+Uses the exact numerics of the sampler (the family's `set_timesteps` and `predict`, the
+same step maths — DDIM or flow SDE by the family's step kind — and float32 log-probs),
+so at the first inner step the PPO ratio is 1. Algorithms reach the network only
+through this class and `policy.model.family`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from raydiff.sampling.sampler import predict_noise
+from raydiff.sampling.steps.ddim import StepOutput, ddim_step, gaussian_log_density
+from raydiff.sampling.steps.flow_sde import flow_sde_step
+from raydiff.types import Trajectory
+
+
+class Policy:
+    def __init__(self, model):
+        self.model = model
+        self._num_steps = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def step_kind(self) -> str:
+        """'ddim' or 'flow': which step maths the model's family samples with."""
+        return self.model.family.step_kind
+
+    def _schedule(self, num_steps: int) -> None:
+        if self._num_steps != num_steps:
+            self.model.family.set_timesteps(self.model, num_steps)
+            self._num_steps = num_steps
+
+    def noise_levels(self, batch: Trajectory, j: int) -> torch.Tensor:
+        """(N,) step noise of transition j: flow a per sample (0 outside the SDE window), else DDIM's η."""
+        if "noise_level" in batch.extras:
+            return batch.extras["noise_level"][:, j].float()
+        return torch.full((len(batch),), float(batch.eta))
+
+    def stochastic_steps(self, batch: Trajectory) -> list[int]:
+        """Transitions with a Gaussian step (finite log-prob) in some sample: the ones a policy gradient trains on."""
+        if "noise_level" not in batch.extras:
+            return list(range(batch.num_steps)) if batch.eta > 0 else []
+        return [j for j in range(batch.num_steps) if bool((batch.extras["noise_level"][:, j] > 0).any())]
+
+    def step(self, batch: Trajectory, j: int) -> tuple[StepOutput, torch.Tensor]:
+        """Score the stored transition j (x_t = latents[:, j] -> latents[:, j+1]); returns (step output, network output)."""
+        self._schedule(batch.num_steps)
+        m = self.model
+        t = batch.timesteps[j].to(self.device)
+        x_t = batch.latents[:, j].to(self.device, m.dtype)
+        x_prev = batch.latents[:, j + 1].to(self.device, m.dtype)
+        cond = batch.cond.to(self.device)
+        out = predict_noise(m, x_t, t, cond, batch.guidance_scale)
+        if self.step_kind == "flow":
+            return flow_sde_step(m.scheduler, out, j, x_t, self.noise_levels(batch, j).to(self.device), prev_sample=x_prev), out
+        return ddim_step(m.scheduler, out, t, x_t, batch.eta, prev_sample=x_prev), out
+
+    def log_prob(self, batch: Trajectory, j: int) -> torch.Tensor:
+        return self.step(batch, j)[0].log_prob
+
+    def element_log_prob(self, batch: Trajectory, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-element log-density of transition j (N, C, h, w), float32, and the step's σ (scalar, or (N,1,1,1) for flow)."""
+        out = self.step(batch, j)[0]
+        x_prev = batch.latents[:, j + 1].to(self.device, self.model.dtype)
+        return gaussian_log_density(x_prev, out.mean, out.std), out.std.float()
