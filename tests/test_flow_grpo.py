@@ -23,8 +23,10 @@ def _setup(model_path, **over):
     return learner, batch
 
 
-def test_kl_is_zero_at_init_and_its_gradient_points_back_to_the_reference(tiny_sd):
-    learner, batch = _setup(tiny_sd)
+@pytest.mark.parametrize("model_path", ["tiny://sd3", "tiny://sd"])
+def test_kl_is_zero_at_init_and_its_gradient_points_back_to_the_reference(model_path):
+    """Flow SDE steps (SD3) and DDIM steps (SD): KL = 0 with a fresh LoRA, and −∇KL moves back to the base."""
+    learner, batch = _setup(model_path)
     policy, params = learner.policy, learner.model.trainable_parameters()
 
     def kl_at(j=1):
@@ -54,8 +56,8 @@ def test_kl_is_zero_at_init_and_its_gradient_points_back_to_the_reference(tiny_s
         assert kl_at().item() == pytest.approx(kl2.item(), rel=1e-6)
 
 
-def test_prepare_gives_group_relative_advantages_and_one_training_round(tiny_sd):
-    learner, batch = _setup(tiny_sd, **{"algorithm.global_std": "false"})
+def test_prepare_gives_group_relative_advantages_and_one_training_round():
+    learner, batch = _setup("tiny://sd3", **{"algorithm.global_std": "false"})
     batch.rewards = np.array([1.0, 3.0, 5.0, 5.0])
     batch = learner.algorithm.prepare(batch)
     np.testing.assert_allclose(batch.advantages.numpy(), [-1 / (1 + 1e-4), 1 / (1 + 1e-4), 0, 0], rtol=1e-6)

@@ -64,7 +64,7 @@ class FlowGRPO(Algorithm):
         return trained_steps(num_steps, self.config.timestep_fraction)
 
     def micro_steps_per_update(self, minibatch: Trajectory) -> int:
-        return self.trained_steps(minibatch.log_probs.shape[1])
+        return self.trained_steps(len(sde_steps(minibatch)))
 
     def prepare(self, batch: Trajectory) -> Trajectory:
         """Driver side, once per epoch on the whole batch: group-relative advantages."""
@@ -78,8 +78,8 @@ class FlowGRPO(Algorithm):
 
     def train_step(self, policy, optimizer, batch: Trajectory, rng: torch.Generator) -> dict[str, float]:
         c = self.config
-        T = batch.log_probs.shape[1]
-        steps = torch.randperm(T, generator=rng)[: self.trained_steps(T)].tolist()
+        stochastic = sde_steps(batch)  # the SDE window's steps (all of them without a window)
+        steps = [stochastic[i] for i in torch.randperm(len(stochastic), generator=rng)[: self.trained_steps(len(stochastic))].tolist()]
         dev = policy.device
         adv = batch.advantages.clamp(-c.adv_clip_max, c.adv_clip_max).to(dev)
         weights = batch.weights.to(dev) if batch.weights is not None else None
@@ -102,9 +102,19 @@ class FlowGRPO(Algorithm):
     @staticmethod
     def reference_kl(policy, batch: Trajectory, j: int, out) -> torch.Tensor:
         """(N,) KL of step j to the base policy: same transition scored with the LoRA off, no grad."""
-        with torch.no_grad(), reference_weights(policy.model.unet):
+        with torch.no_grad(), reference_weights(policy.model.denoiser):
             ref = policy.step(batch, j)[0]
         return step_mean_kl(out.mean, ref.mean, kl_noise_scale(policy, batch, j, out))
+
+
+def sde_steps(batch: Trajectory) -> list[int]:
+    """Transitions with a Gaussian step in some sample (`Policy.stochastic_steps`): what the ratio can train."""
+    from raydiff.sampling.policy import Policy
+
+    steps = Policy.stochastic_steps(None, batch)  # reads only the batch (noise levels / η)
+    if not steps:
+        raise ValueError("no stochastic step in the batch: flow_grpo needs sampling.noise_level > 0 (flow models) or sampling.eta > 0 (DDIM)")
+    return steps
 
 
 def kl_noise_scale(policy, batch: Trajectory, j: int, out) -> torch.Tensor:

@@ -139,7 +139,7 @@ class NFT(Algorithm):
 
     @staticmethod
     def _trainable(policy):
-        return [(n, p) for n, p in policy.model.unet.named_parameters() if p.requires_grad]
+        return [(n, p) for n, p in policy.model.denoiser.named_parameters() if p.requires_grad]
 
     def minibatches(self, batch, rng: torch.Generator):
         yield from shuffled_pieces(batch, self.config.train_batch_size, self.config.num_inner_epochs, rng)
@@ -192,7 +192,7 @@ class NFT(Algorithm):
             policy_loss = (per_sample * weights).mean() if weights is not None else per_sample.mean()
             loss = policy_loss
             if c.kl_beta > 0:
-                with torch.no_grad(), reference_weights(policy.model.unet):
+                with torch.no_grad(), reference_weights(policy.model.denoiser):
                     out_ref = self._predict(policy, x_t, t, cond)
                 kl = ((out.float() - out_ref.float()) ** 2).mean(dim=tuple(range(1, out.ndim)))
                 kl = (kl * weights).mean() if weights is not None else kl.mean()
