@@ -48,10 +48,11 @@ def test_ode_sampler_reproduces_the_diffusers_pipeline(kind, tiny_flow):
     torch.testing.assert_close(ours.latents[:, -1], _pipeline_latents(kind, tiny_flow[kind]).float(), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux"])
-def test_learner_rescores_sampled_log_probs_exactly(kind):
-    """Policy.step (the learner's path) gives the sampler's log-probs bit for bit, inside the SDE window only."""
-    model = load_model(ModelSection(path=f"tiny://{kind}"))
+@pytest.mark.parametrize("kind,dtype", [("sd3", "float32"), ("flux", "float32"), ("sd3", "bfloat16")])
+def test_learner_rescores_sampled_log_probs_exactly(kind, dtype):
+    """Policy.step (the learner's path) gives the sampler's log-probs bit for bit, inside the SDE window only;
+    in bf16 too, because the stored latents are the bf16-rounded ones the next step consumed."""
+    model = load_model(ModelSection(path=f"tiny://{kind}", dtype=dtype))
     window = draw_window(4, 2, 2, torch.Generator().manual_seed(5))
     traj = sample(model, encode_prompts(model, PROMPTS), PROMPTS, 4, 3.0, 1.0, torch.Generator().manual_seed(1),
                   noise_level=0.7, sde_window=window, keep_noise=True)
@@ -67,6 +68,8 @@ def test_learner_rescores_sampled_log_probs_exactly(kind):
             z = traj.extras["noise"][:, j]  # realised noise gives the same per-element density
             want = -z**2 / 2 - torch.log(std) - 0.5 * torch.log(torch.tensor(2 * torch.pi))
             torch.testing.assert_close(lp_el, want, atol=2e-4, rtol=1e-4)
+            if dtype == "bfloat16":  # stored latents are exactly representable in bf16
+                assert torch.equal(traj.latents[:, j + 1], traj.latents[:, j + 1].bfloat16().float())
         else:  # outside the window: the stored step is the deterministic Euler step the learner recomputes
             assert torch.isnan(traj.log_probs[:, j]).all() and torch.isnan(lp).all()
             torch.testing.assert_close(policy.step(traj, j)[0].mean, traj.latents[:, j + 1], atol=1e-5, rtol=0)
