@@ -48,10 +48,11 @@ def test_ode_sampler_reproduces_the_diffusers_pipeline(kind, tiny_flow):
     torch.testing.assert_close(ours.latents[:, -1], _pipeline_latents(kind, tiny_flow[kind]).float(), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux"])
-def test_learner_rescores_sampled_log_probs_exactly(kind):
-    """Policy.step (the learner's path) gives the sampler's log-probs bit for bit, inside the SDE window only."""
-    model = load_model(ModelSection(path=f"tiny://{kind}"))
+@pytest.mark.parametrize("kind,dtype", [("sd3", "float32"), ("flux", "float32"), ("sd3", "bfloat16")])
+def test_learner_rescores_sampled_log_probs_exactly(kind, dtype):
+    """Policy.step (the learner's path) gives the sampler's log-probs bit for bit, inside the SDE window only;
+    in bf16 too, because the stored latents are the bf16-rounded ones the next step consumed."""
+    model = load_model(ModelSection(path=f"tiny://{kind}", dtype=dtype))
     window = draw_window(4, 2, 2, torch.Generator().manual_seed(5))
     traj = sample(model, encode_prompts(model, PROMPTS), PROMPTS, 4, 3.0, 1.0, torch.Generator().manual_seed(1),
                   noise_level=0.7, sde_window=window, keep_noise=True)
@@ -67,9 +68,12 @@ def test_learner_rescores_sampled_log_probs_exactly(kind):
             z = traj.extras["noise"][:, j]  # realised noise gives the same per-element density
             want = -z**2 / 2 - torch.log(std) - 0.5 * torch.log(torch.tensor(2 * torch.pi))
             torch.testing.assert_close(lp_el, want, atol=2e-4, rtol=1e-4)
+            if dtype == "bfloat16":  # stored latents are exactly representable in bf16
+                assert torch.equal(traj.latents[:, j + 1], traj.latents[:, j + 1].bfloat16().float())
         else:  # outside the window: the stored step is the deterministic Euler step the learner recomputes
             assert torch.isnan(traj.log_probs[:, j]).all() and torch.isnan(lp).all()
-            torch.testing.assert_close(policy.step(traj, j)[0].mean, traj.latents[:, j + 1], atol=1e-5, rtol=0)
+            mean = policy.step(traj, j)[0].mean.to(model.dtype).float()  # rounded as the sampler stored it
+            torch.testing.assert_close(mean, traj.latents[:, j + 1], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
@@ -103,3 +107,70 @@ def test_sde_window_is_checked():
     assert draw_window(4, 0, 0, torch.Generator()) is None
     starts = {draw_window(10, 2, 3, torch.Generator().manual_seed(s))[0] for s in range(40)}
     assert starts == {0, 1, 2, 3}
+
+
+def _sd3_checkpoint(run_dir):
+    """A run dir with one tiny-SD3 checkpoint (LoRA B perturbed): learner.pt, the diffusers export, config.yaml."""
+    import yaml
+
+    from raydiff.config import SamplingSection
+    from raydiff.models.lora import trainable_state_dict
+
+    model_cfg = ModelSection(path="tiny://sd3", lora={"rank": 4, "alpha": 4})
+    torch.manual_seed(0)
+    model = load_model(model_cfg)
+    with torch.no_grad():
+        for n, p in model.denoiser.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    step = run_dir / "checkpoints" / "step_000000"
+    (step / "learner").mkdir(parents=True)
+    torch.save({"weights": trainable_state_dict(model.denoiser), "version": 1}, step / "learner" / "learner.pt")
+    export_weights(model, step / "learner" / "export")
+    sampling = SamplingSection(num_steps=2, eval_num_steps=4, guidance_scale=3.0)
+    (step / "config.yaml").write_text(yaml.safe_dump({"model": model_cfg.model_dump(mode="json"),
+                                                      "sampling": sampling.model_dump(mode="json")}))
+    (step / "COMPLETE").write_text("0")
+    return step
+
+
+def test_eval_sd3_export_matches_learner_pt(ray_cluster, serve_rewards, tmp_path):
+    """`raydiff eval` on a tiny-SD3 run: the diffusers export and learner.pt give the same scores, with
+    sampling.eval_num_steps (more steps than training)."""
+    import json
+
+    import numpy as np
+
+    from raydiff.cli import main
+
+    ckpt = _sd3_checkpoint(tmp_path / "run")
+    out = tmp_path / "eval"
+    rc = main(["eval", "--checkpoint", str(ckpt / "learner" / "export"), "--compare", str(ckpt),
+               "--prompts", "simple_animals", "--limit", "2", "--num-per-prompt", "1", "--rewards", "brightness",
+               "--num-cpus", "0.5", "--reward-app", serve_rewards.app_name, "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "eval.json").read_text())
+    assert res["steps"] == 4 and res["guidance_scale"] == 3.0
+    assert res["policies"]["checkpoint"]["weights"] == "export" and res["policies"]["compare"]["weights"] == "learner.pt"
+    np.testing.assert_allclose(res["policies"]["checkpoint"]["scores"]["total"],
+                               res["policies"]["compare"]["scores"]["total"], atol=1e-3)
+
+
+def test_sd3_without_t5_matches_the_pipeline(tiny_flow, tmp_path):
+    """SD3 runs without its T5 encoder as diffusers allows (zero T5 tokens); the family loads and samples it."""
+    import json
+    import shutil
+
+    folder = tmp_path / "sd3-no-t5"
+    shutil.copytree(tiny_flow["sd3"], folder, ignore=shutil.ignore_patterns("text_encoder_3", "tokenizer_3"))
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(text_encoder_3=[None, None], tokenizer_3=[None, None])
+    (folder / "model_index.json").write_text(json.dumps(index))
+    model = load_model(ModelSection(path=str(folder)))
+    assert model.kind == "sd3" and len(model.text_encoders) == 2
+    ours = sample(model, encode_prompts(model, PROMPTS), PROMPTS, 3, 4.5, 1.0, torch.Generator().manual_seed(0), noise_level=0.0)
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(folder), text_encoder_3=None, tokenizer_3=None)  # as diffusers documents
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(PROMPTS, num_inference_steps=3, guidance_scale=4.5, height=64, width=64,
+               generator=torch.Generator().manual_seed(0), output_type="latent").images
+    torch.testing.assert_close(ours.latents[:, -1], ref.float(), atol=1e-4, rtol=1e-4)

@@ -138,7 +138,7 @@ class DAG(Algorithm):
 
     # --- learner -----------------------------------------------------------
     def build_modules(self, model) -> dict[str, torch.nn.Module]:
-        uc = model.unet.config
+        uc = model.denoiser.config
         pooled_dim = None
         if getattr(uc, "addition_embed_type", None) == "text_time":
             pooled_dim = uc.projection_class_embeddings_input_dim - 6 * uc.addition_time_embed_dim

@@ -133,7 +133,7 @@ class RewardBackprop(Algorithm):
         plan = self.plan(s.num_steps, random.Random(int(batch.seed) * 7919 + 1))
         cond = encode_prompts(model, batch.prompts, s.negative_prompt)
         eta = s.eta if cfg.eta is None else cfg.eta
-        reference = (lambda: adapters_disabled(model.unet)) if cfg.ref_eps_weight > 0 else None
+        reference = (lambda: adapters_disabled(model.denoiser)) if cfg.ref_eps_weight > 0 else None
         out = sample_with_grad(model, cond, plan, s.guidance_scale, eta, gen, checkpointing=cfg.checkpointing, reference=reference)
 
         n = len(batch.prompts)
@@ -149,7 +149,7 @@ class RewardBackprop(Algorithm):
             loss = loss + cfg.ref_eps_weight * out.reg
             metrics["reg/ref_eps"] = float(out.reg.detach())
         if cfg.lora_l2_weight > 0:
-            l2 = lora_delta_l2(model.unet)
+            l2 = lora_delta_l2(model.denoiser)
             loss = loss + cfg.lora_l2_weight * l2
             metrics["reg/lora_l2"] = float(l2.detach())
         stepper.backward(loss)

@@ -48,18 +48,7 @@ def one_step_x0(model, z: torch.Tensor, cond, t_star: int, unet=None) -> torch.T
 
 def _load_lora(model, lora_dir: str) -> None:
     """Load a LoRA export into `model.unet` through diffusers' pipeline loader (the path users take)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    if model.kind == "sdxl":
-        pipe = StableDiffusionXLPipeline(
-            vae=model.vae, text_encoder=model.text_encoders[0], text_encoder_2=model.text_encoders[1],
-            tokenizer=model.tokenizers[0], tokenizer_2=model.tokenizers[1], unet=model.unet, scheduler=model.scheduler,
-        )
-    else:
-        pipe = StableDiffusionPipeline(
-            vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0], unet=model.unet,
-            scheduler=model.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+    pipe = model.family.pipeline(model)
     pipe.load_lora_weights(str(lora_dir))
     if not getattr(model.unet, "peft_config", None):
         raise ValueError(f"lora_dir {lora_dir!r}: no UNet LoRA layers were loaded (expected pytorch_lora_weights.safetensors from export_weights)")

@@ -142,7 +142,7 @@ def sample_with_grad(
     under no_grad and `reg` sums mean (ε̂ − ε̂_ref)² over them.
     """
     sched = model.scheduler
-    sched.set_timesteps(plan.num_steps, device=model.device)
+    model.family.set_timesteps(model, plan.num_steps)
     timesteps = sched.timesteps
     n = cond.embeds.shape[0]
     x = initial_noise(model, n, generator) if latents is None else latents
