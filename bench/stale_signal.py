@@ -33,6 +33,25 @@ class BackwardOnly:
         return False
 
 
+def step_gradients(learner, batch, staleness: int) -> list[torch.Tensor]:
+    """The decoupled loss's gradient of each denoising step j alone (the train_step loss is their sum)."""
+    batch.staleness, batch.max_staleness = torch.full((len(batch),), staleness, dtype=torch.int64), staleness
+    algo = learner.algorithm
+    params = [p for p in learner.model.unet.parameters() if p.requires_grad]
+    prepared = algo.prepare_batch(learner.policy, algo.prepare(batch))
+    adv = prepared.advantages.clamp(-algo.config.adv_clip_max, algo.config.adv_clip_max)
+    out = []
+    for j in range(prepared.log_probs.shape[1]):
+        for p in params:
+            p.grad = None
+        loss, _ = algo._per_element_loss(learner.policy, prepared, j, adv, None, prepared.extras.get("prox_is_current"))
+        loss.backward()
+        out.append(torch.cat([p.grad.flatten() for p in params]).clone())
+    for p in params:
+        p.grad = None
+    return out
+
+
 def gradient(learner, batch, staleness: int) -> torch.Tensor:
     batch.staleness, batch.max_staleness = torch.full((len(batch),), staleness, dtype=torch.int64), staleness
     algo = learner.algorithm
@@ -53,6 +72,8 @@ def main(argv=None) -> dict:
     p.add_argument("--staleness", type=int, default=2)
     p.add_argument("--n", type=int, default=64, help="samples per batch (each gradient)")
     p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--first-trial", type=int, default=0)
+    p.add_argument("--per-step", action="store_true", help="also: each step's stale gradient, its norm and cosine")
     p.add_argument("--extra", nargs="*", default=[])
     args = p.parse_args(argv)
     from raydiff.config import load_config
@@ -67,7 +88,7 @@ def main(argv=None) -> dict:
     pick = lambda seed, k=args.n: [prompts[(seed * 7 + i) % len(prompts)] for i in range(k)]
     cos = lambda a, b: float(torch.dot(a, b) / (a.norm() * b.norm() + 1e-30))
     rows = []
-    for trial in range(args.trials):
+    for trial in range(args.first_trial, args.first_trial + args.trials):
         learner = Learner(cfg)
         worker = RolloutWorker(cfg, needs=learner.algorithm.needs)
         worker.set_weights(learner.publish())
@@ -83,6 +104,11 @@ def main(argv=None) -> dict:
         gn = gradient(learner, stale.index(torch.arange(len(stale))), 0)
         row = {"fresh_b": cos(fa, fb), "stale_decoupled": cos(fa, gs), "stale_as_fresh": cos(fa, gn),
                "stale_decoupled_vs_b": cos(fb, gs), "norm_ratio_stale/fresh": float(gs.norm() / fa.norm())}
+        if args.per_step:
+            fresh_steps = step_gradients(learner, worker.generate(pick(base + 50), base + 50), 0)
+            for j, gj in enumerate(step_gradients(learner, stale.index(torch.arange(len(stale))), args.staleness)):
+                print(f"    step {j}: |g_stale_j| / |g_fresh| {float(gj.norm() / fa.norm()):.3f}, cos(g_stale_j, g_fresh) "
+                      f"{cos(gj, fa):+.3f}, |g_fresh_j| / |g_fresh| {float(fresh_steps[j].norm() / fa.norm()):.3f}", flush=True)
         rows.append(row)
         print(f"  trial {trial}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
     result = {"machine": machine(), "staleness": args.staleness, "n": args.n, "trials": args.trials,
