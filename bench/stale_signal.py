@@ -44,7 +44,8 @@ def step_gradients(learner, batch, staleness: int) -> list[torch.Tensor]:
     for j in range(prepared.log_probs.shape[1]):
         for p in params:
             p.grad = None
-        loss, _ = algo._per_element_loss(learner.policy, prepared, j, adv, None, prepared.extras.get("prox_is_current"))
+        loss, st = algo._per_element_loss(learner.policy, prepared, j, adv, None, prepared.extras.get("prox_is_current"))
+        print(f"    step {j}: behaviour_approx_kl {st['behaviour_approx_kl']:.4f}, is_truncated_frac {st['is_truncated_frac']:.4f}")
         loss.backward()
         out.append(torch.cat([p.grad.flatten() for p in params]).clone())
     for p in params:
