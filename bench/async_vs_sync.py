@@ -1,16 +1,22 @@
 """Async DDPO (train.max_staleness=S) vs sync (0) on one config: wall-clock to equal updates and to a reward target.
 
-    python bench/async_vs_sync.py [--epochs 12] [--repeats 2] [--config configs/tiny_ddpo_async.yaml]
+    python bench/async_vs_sync.py [--epochs 24] [--repeats 2] [--config configs/tiny_ddpo_async.yaml]
 
-One Ray cluster; the reward service (Ray Serve, reward.backend=serve) is deployed before any
-timing starts. Runs are interleaved and repeated (sync, async, async, sync, ...), each on the
-same config except train.max_staleness. Reported:
-- wall-clock to equal updates: each run's time from Trainer start to its last policy update;
+One Ray cluster; the reward service (Ray Serve, reward.backend=serve) is deployed once, before
+any run, and both modes use it. Runs are interleaved and repeated (sync, async, async, sync, ...),
+each on the same config except train.max_staleness. Every time is measured from the start of a
+run's training loop (the first epoch's start: roles started, first weights pushed), so actor
+and learner start-up and the final checkpoint are outside it. Reported:
+- wall-clock to equal updates: the time of each run's `--epochs`-th policy update;
 - wall-clock to a reward target: target = mean over the sync runs of their last-3-epoch mean
   reward; a run reaches it at the first epoch whose 3-epoch moving average of reward/mean is
-  ≥ target (time = that epoch's metrics timestamp − run start). Unreached: inf.
-Spreads (min..max over repeats) are printed; a reward-vs-wall-clock plot goes to docs/.
-Last line: `RATIO async_vs_sync_to_reward X` (mean sync time-to-target / mean async time-to-target).
+  ≥ target (time = that epoch's metrics timestamp). The async runs get `--async-epochs`
+  updates (default `--epochs` + 2·S: their rollout rewards come from a policy S versions old),
+  so that they can reach the target at all; unreached: inf.
+- reward per policy version: the mean reward of the samples each version produced (async
+  rewards shifted by their staleness), sync vs async, to separate learning per update from speed.
+Spreads are min/median/max over the repeats; a reward-vs-wall-clock plot goes to docs/.
+Last line: `RATIO async_vs_sync_to_reward X` (median sync time-to-target / median async time-to-target).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(config: str, overrides: list[str]) -> dict:
-    """One training run; per-epoch (seconds since start, reward) and the total wall-clock."""
+    """One training run: per epoch (seconds since its training loop started, reward, staleness)."""
     from raydiff.config import load_config
     from raydiff.engine.trainer import Trainer
 
@@ -43,8 +49,12 @@ def run(config: str, overrides: list[str]) -> dict:
     Trainer(cfg).run()
     wall = time.time() - t0
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {"wall": wall, "t": [r["time"] - t0 for r in rows], "reward": [r["reward/mean"] for r in rows],
-            "staleness": [r.get("policy/staleness", 0) for r in rows]}
+    loop_start = rows[0]["time"] - rows[0]["time/epoch_s"]  # the first epoch's start: after start-up
+    keys = ("train/clipfrac", "train/is_weight_mean", "train/is_truncated_frac", "train/behaviour_approx_kl",
+            "time/learner_step_s", "time/learner_prepare_s", "time/rollout_wait_s")
+    return {"wall": wall, "startup": loop_start - t0, "t": [r["time"] - loop_start for r in rows],
+            "reward": [r["reward/mean"] for r in rows], "staleness": [int(r.get("policy/staleness", 0)) for r in rows],
+            "means": {k: statistics.fmean(r.get(k, 0.0) for r in rows[1:]) for k in keys}}
 
 
 def moving_average(xs: list[float], k: int = 3) -> list[float]:
@@ -60,13 +70,19 @@ def time_to(run: dict, target: float) -> float:
 
 
 def spread(xs: list[float]) -> str:
-    return f"mean {statistics.fmean(xs):.1f} s (min {min(xs):.1f}, max {max(xs):.1f}, n={len(xs)})"
+    return f"median {statistics.median(xs):.1f} s (min {min(xs):.1f}, max {max(xs):.1f}, n={len(xs)})"
+
+
+def by_version(run: dict) -> dict[int, float]:
+    """Mean reward of the samples each policy version made (epoch e's batch came from version e − staleness)."""
+    return {e - s: r for e, (r, s) in enumerate(zip(run["reward"], run["staleness"]))}
 
 
 def main(argv=None) -> dict:
     p = model_flags(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), steps=6, batch=8)
     p.add_argument("--config", default="configs/tiny_ddpo_async.yaml")
-    p.add_argument("--epochs", type=int, default=12, help="policy updates per run")
+    p.add_argument("--epochs", type=int, default=24, help="policy updates of a sync run (and the equal-updates point)")
+    p.add_argument("--async-epochs", type=int, default=None, help="policy updates of an async run (default epochs + 2·S)")
     p.add_argument("--repeats", type=int, default=2, help="runs per mode (interleaved)")
     p.add_argument("--staleness", type=int, default=2)
     p.add_argument("--engine", default="torch", help="learner.engine (torch is faster to start on CPU)")
@@ -78,42 +94,53 @@ def main(argv=None) -> dict:
     from raydiff.config import load_config
     from raydiff.rewards.client import ensure_reward_service
 
+    S = args.staleness
+    epochs = {0: args.epochs, S: args.async_epochs or args.epochs + 2 * S}
     common = [f"model.path={args.model}", f"sampling.num_steps={args.steps}", f"sampling.batch_size={args.batch}",
-              f"train.num_epochs={args.epochs}", "rollout.torch_threads=1", "learner.torch_threads=1",
+              "rollout.torch_threads=1", "learner.torch_threads=1",  # one thread per role in both modes
               f"learner.engine={args.engine}", *(["learner.num_workers=1"] if args.engine == "torch" else []),
               "reward.backend=serve", "output.checkpoint_every=0", *args.extra]
     if args.resolution:
         common.append(f"model.resolution={args.resolution}")
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
     cfg = load_config(args.config, common)
-    ensure_reward_service(cfg.reward.components, cfg.reward.serve_app)  # deployed before any timing
-    runs: dict[int, list[dict]] = {0: [], args.staleness: []}
+    ensure_reward_service(cfg.reward.components, cfg.reward.serve_app)  # deployed once, before any run
+    runs: dict[int, list[dict]] = {0: [], S: []}
     for rep in range(args.repeats):
-        order = (0, args.staleness) if rep % 2 == 0 else (args.staleness, 0)
-        for s in order:
-            r = run(args.config, [*common, f"train.max_staleness={s}"])
+        for s in ((0, S) if rep % 2 == 0 else (S, 0)):
+            r = run(args.config, [*common, f"train.max_staleness={s}", f"train.num_epochs={epochs[s]}"])
             runs[s].append(r)
-            print(f"  run S={s} rep={rep}: wall {r['wall']:.1f} s, rewards {[round(x, 4) for x in r['reward']]}", flush=True)
+            print(f"  run S={s} rep={rep}: start-up {r['startup']:.1f} s (untimed), loop {r['t'][-1]:.1f} s, "
+                  f"rewards {[round(x, 4) for x in r['reward']]}", flush=True)
+            print(f"    means over epochs 1..: { {k: round(v, 4) for k, v in r['means'].items()} }", flush=True)
     ray.shutdown()
 
-    sync, asyn = runs[0], runs[args.staleness]
-    target = statistics.fmean(statistics.fmean(r["reward"][-3:]) for r in sync)
-    upd_sync, upd_async = [r["t"][-1] for r in sync], [r["t"][-1] for r in asyn]
+    sync, asyn = runs[0], runs[S]
+    E = args.epochs
+    target = statistics.fmean(statistics.fmean(r["reward"][E - 3:E]) for r in sync)
+    upd_sync, upd_async = [r["t"][E - 1] for r in sync], [r["t"][E - 1] for r in asyn]
     tt_sync, tt_async = [time_to(r, target) for r in sync], [time_to(r, target) for r in asyn]
-    mean_or_inf = lambda xs: statistics.fmean(xs) if all(math.isfinite(x) for x in xs) else math.inf
-    ratio_updates = statistics.fmean(upd_sync) / statistics.fmean(upd_async)
-    ratio_reward = (mean_or_inf(tt_sync) / mean_or_inf(tt_async)) if math.isfinite(mean_or_inf(tt_async)) else 0.0
+    med = statistics.median
+    ratio_updates = med(upd_sync) / med(upd_async)
+    ratio_reward = med(tt_sync) / med(tt_async) if math.isfinite(med(tt_async)) else 0.0
+    v_sync, v_async = by_version(sync[0]), by_version(asyn[0])
+    versions = [v for v in range(E) if v in v_async]
     series = {}
     for s, rs in runs.items():
         for i, r in enumerate(rs):
             series[f"{'sync S=0' if s == 0 else f'async S={s}'} #{i}"] = (r["t"], moving_average(r["reward"]))
     Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-    line_plot(series, args.plot, f"reward (3-epoch moving avg) vs wall-clock, {args.epochs} updates",
-              "wall-clock since run start [s]", "reward/mean", hline=target)
+    line_plot(series, args.plot, f"reward (3-epoch moving avg) vs wall-clock; sync {E}, async {epochs[S]} updates",
+              "wall-clock since the training loop started [s]", "reward/mean", hline=target)
+    gain = lambda v: statistics.fmean(v[x] for x in versions[-3:]) - statistics.fmean(v[x] for x in versions[:3])
     result = {
-        "machine": machine(), "epochs": args.epochs, "repeats": args.repeats, "reward_target": round(target, 5),
-        "sync_to_equal_updates": spread(upd_sync), f"async_S{args.staleness}_to_equal_updates": spread(upd_async),
-        "sync_to_reward": [round(x, 1) for x in tt_sync], f"async_S{args.staleness}_to_reward": [round(x, 1) for x in tt_async],
+        "machine": machine(), "config": args.config, "epochs": epochs, "repeats": args.repeats,
+        "reward_target": round(target, 5),
+        "sync_to_equal_updates": spread(upd_sync), f"async_S{S}_to_equal_updates": spread(upd_async),
+        "sync_to_reward": [round(x, 1) for x in tt_sync], f"async_S{S}_to_reward": [round(x, 1) for x in tt_async],
+        "sync_to_reward_spread": spread(tt_sync),
+        f"async_S{S}_to_reward_spread": spread(tt_async) if all(map(math.isfinite, tt_async)) else "unreached",
+        f"reward_gain_per_version_0..{versions[-1]}": {"sync": round(gain(v_sync), 4), "async": round(gain(v_async), 4)},
         "ratio_to_equal_updates": round(ratio_updates, 3), "plot": args.plot,
     }
     for k, v in result.items():

@@ -52,7 +52,7 @@ def test_ratio_is_one_at_first_inner_step(tiny_sd):
 def test_proximal_log_probs_on_the_real_model(tiny_sd):
     """Fresh batch: π_prox is the stored log-probs. Stale batch after a weight change: π_prox is the
     current weights' log-prob of the stored transition, and training reports w ≠ 1 against π_b."""
-    from raydiff.algorithms.common import PROX_ELEM_KEY, PROX_KEY
+    from raydiff.algorithms.common import PROX_CURRENT_KEY, PROX_ELEM_KEY, PROX_KEY, attach_proximal_log_probs
 
     cfg = load_config("configs/tiny_ddpo.yaml", [f"model.path={tiny_sd}", "sampling.batch_size=2", "sampling.num_steps=3",
                                                  "learner.engine=torch", "algorithm.train_batch_size=2"])
@@ -66,7 +66,9 @@ def test_proximal_log_probs_on_the_real_model(tiny_sd):
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     batch.staleness, batch.max_staleness = torch.ones(2, dtype=torch.int64), 1
-    stale = learner.algorithm.prepare_batch(learner.policy, batch)
+    deferred = learner.algorithm.prepare_batch(learner.policy, batch)  # one minibatch: π_prox comes from its forward
+    assert PROX_KEY not in deferred.extras and deferred.extras[PROX_CURRENT_KEY].all()
+    stale = attach_proximal_log_probs(learner.policy, batch, per_element=True)
     with torch.no_grad():
         torch.testing.assert_close(stale.extras[PROX_KEY][:, 1], learner.policy.log_prob(batch, 1), atol=1e-6, rtol=0)
     assert (stale.extras[PROX_KEY] - batch.log_probs).abs().max() > 1e-4

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from raydiff.algorithms.common import ADV_KEY, PROX_KEY, decoupled_ppo_loss, importance_weights
+from raydiff.algorithms.common import (ADV_KEY, PROX_CURRENT_KEY, PROX_KEY, attach_proximal_log_probs, decoupled_ppo_loss,
+                                      importance_weights)
 from raydiff.algorithms.ddpo import DDPO, Config, ppo_clipped_loss
 from raydiff.algorithms.base import shuffled_pieces
 from raydiff.types import Conditioning, Trajectory
@@ -239,8 +240,8 @@ def test_mixed_staleness_rescores_only_stale_samples():
     fresh, stale = toy_batch(4, 0.0, staleness=0, seed=1), toy_batch(4, 0.0, staleness=2, seed=2)
     batch = ddpo().prepare(Trajectory.cat([fresh, stale]))
     assert batch.sample_staleness().tolist() == [0] * 4 + [2] * 4 and batch.max_staleness == 2
-    algo, policy = ddpo(), GaussianPolicy(0.5)
-    prox = algo.prepare_batch(policy, batch).extras[PROX_KEY]
+    policy = GaussianPolicy(0.5)
+    prox = attach_proximal_log_probs(policy, batch).extras[PROX_KEY]
     assert torch.equal(prox[:4], batch.log_probs[:4])
     with torch.no_grad():
         torch.testing.assert_close(prox[4:, 0], policy.log_prob(batch, 0)[4:])
@@ -268,3 +269,34 @@ def test_minibatches_keep_every_sample_and_padding_has_no_weight():
     assert sorted(float(v) for p in pieces[:3] for v in p.latents[:, 1, 0]) == sorted(batch.latents[:, 1, 0].tolist())
     padded = batch.index([0, 1, 2]).pad_to(5)
     assert len(padded) == 5 and padded.weights.tolist() == [1, 1, 1, 0, 0]
+
+
+@pytest.mark.parametrize("objective", ["per_element", "per_sample"])
+def test_deferred_proximal_pass_equals_scoring_up_front(objective):
+    """One pass, no baseline: the first minibatch takes π_prox from its own forward (θ = π_prox, no step yet),
+    later ones are scored before the first step. Same SGD trajectory and metrics as scoring everything up front."""
+    dim = 4
+    batch = Trajectory.cat([toy_batch(6, 0.0, staleness=0, seed=1, dim=dim), toy_batch(18, 0.0, staleness=2, seed=2, dim=dim)])
+    runs = []
+    for deferred in (True, False):
+        algo, policy = ddpo(train_batch_size=8, stale_objective=objective), GaussianPolicy(torch.full((dim,), 0.4))
+        b = algo.prepare(batch.index(torch.arange(len(batch))))
+        rng = torch.Generator().manual_seed(0)
+        stepper = GradRecorder(policy, lr=0.3)
+        if deferred:
+            b = algo.prepare_batch(policy, b)
+            assert PROX_KEY not in b.extras and b.extras[PROX_CURRENT_KEY].tolist() == [False] * 6 + [True] * 18
+            pieces = algo.minibatches(b, rng)
+        else:  # the eager pass of every sample, then the base class's shuffled pieces
+            b = attach_proximal_log_probs(policy, b, per_element=objective == "per_element")
+            pieces = shuffled_pieces(b, 8, 1, rng)
+        metrics = [algo.train_step(policy, stepper, mb, rng) for mb in pieces]
+        runs.append((policy.mu.detach().clone(), metrics))
+    assert stepper.steps == 3
+    torch.testing.assert_close(runs[0][0], runs[1][0], atol=1e-6, rtol=0)
+    assert (runs[0][0] - 0.4).abs().max() > 1e-3  # it did move
+    for m_def, m_eager in zip(runs[0][1], runs[1][1]):
+        assert m_def.keys() == m_eager.keys()
+        for k in m_def:
+            assert m_def[k] == pytest.approx(m_eager[k], abs=1e-5), k
+    assert max(m["ratio_max_dev"] for m in runs[0][1][1:]) > 0  # later minibatches: θ moved away from π_prox

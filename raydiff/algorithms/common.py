@@ -57,6 +57,7 @@ from raydiff.types import Trajectory
 PROX_KEY = "prox_log_probs"  # extras key: (N, T) log π_prox, written by `attach_proximal_log_probs`
 PROX_ELEM_KEY = "prox_element_log_probs"  # extras key: (N, T, C, h, w) per-element log π_prox (per_element=True)
 NOISE_KEY = "noise"  # rollout extras: (N, T, C, h, w) realised step noise z (Needs.keep_noise)
+PROX_CURRENT_KEY = "prox_is_current"  # minibatch extras flag: trained before any step on its batch, so π_prox = θ
 ADV_KEY = "centred_advantages"  # extras key: (N, T) advantages centred under w, written by `centre_advantages`
 
 

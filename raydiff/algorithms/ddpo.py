@@ -40,7 +40,7 @@ import torch
 from pydantic import Field
 
 from raydiff.algorithms.base import Algorithm, Needs
-from raydiff.algorithms.common import (ADV_KEY, NOISE_KEY, PROX_ELEM_KEY, PROX_KEY, AsyncAlgorithmConfig, StepAverager,
+from raydiff.algorithms.common import (ADV_KEY, NOISE_KEY, PROX_CURRENT_KEY, PROX_ELEM_KEY, PROX_KEY, AsyncAlgorithmConfig, StepAverager,
                                       attach_proximal_log_probs, behaviour_element_log_prob, centre_advantages,
                                       decoupled_ppo_loss, decoupled_ppo_terms, trained_steps)
 from raydiff.types import Trajectory
@@ -120,15 +120,49 @@ class DDPO(Algorithm):
         return batch
 
     def prepare_batch(self, policy, batch: Trajectory) -> Trajectory:
-        batch = attach_proximal_log_probs(policy, batch, per_element=self.config.stale_objective == "per_element")
-        if PROX_ELEM_KEY in batch.extras and NOISE_KEY not in batch.extras:
+        self._scorer = None
+        if self.config.stale_objective == "per_element" and batch.max_staleness > 0 and NOISE_KEY not in batch.extras:
             raise ValueError("a stale batch has no extras['noise']: algorithm.stale_objective=per_element needs rollouts "
                              "sampled with the step noise kept (Needs.keep_noise); or set algorithm.stale_objective=per_sample")
-        batch.extras.pop(ADV_KEY, None)
+        for key in (PROX_KEY, PROX_ELEM_KEY, ADV_KEY, PROX_CURRENT_KEY):
+            batch.extras.pop(key, None)
+        if batch.max_staleness > 0 and self.config.num_inner_epochs == 1 and not self.config.is_baseline:
+            # Deferred: until the first optimiser step on this batch π_prox is θ itself; `minibatches`
+            # scores the samples of minibatches 2.. under θ before yielding the first one.
+            batch.extras[PROX_CURRENT_KEY] = batch.sample_staleness() > 0
+            self._scorer = policy
+            return batch
+        batch = attach_proximal_log_probs(policy, batch, per_element=self.config.stale_objective == "per_element")
         if self.config.is_baseline and batch.max_staleness > 0:  # same branch on every rank (batch-level max)
             adv = batch.advantages.clamp(-self.config.adv_clip_max, self.config.adv_clip_max)
             batch.extras[ADV_KEY] = centre_advantages(batch, adv, self.config.is_clip)
         return batch
+
+    def minibatches(self, batch, rng: torch.Generator):
+        """As the base class; a deferred stale batch's later minibatches get π_prox scored before the first step.
+
+        The first minibatch is trained before any optimiser step on the batch, at θ = π_prox, so
+        its π_prox is the detached log-prob of its own training forward (`PROX_CURRENT_KEY`): the
+        same objective as scoring it in `prepare_batch`, without that forward pass.
+        """
+        scorer, self._scorer = getattr(self, "_scorer", None), None
+        if not isinstance(batch, Trajectory) or PROX_CURRENT_KEY not in batch.extras:
+            yield from super().minibatches(batch, rng)
+            return
+        pieces = max(1, -(-len(batch) // self.config.train_batch_size))
+        parts = torch.tensor_split(torch.randperm(len(batch), generator=rng), pieces)  # as shuffled_pieces
+        rest = None
+        if pieces > 1:
+            if scorer is None:
+                raise RuntimeError("minibatches of a deferred stale batch need the policy given to prepare_batch")
+            rest = batch.index(torch.cat(parts[1:]))
+            del rest.extras[PROX_CURRENT_KEY]
+            rest = attach_proximal_log_probs(scorer, rest, per_element=self.config.stale_objective == "per_element")
+        yield batch.index(parts[0])
+        if rest is not None:
+            ends = torch.tensor([len(p) for p in parts[1:]]).cumsum(0).tolist()
+            for a, b in zip([0] + ends[:-1], ends):
+                yield rest.index(torch.arange(a, b))
 
     def train_step(self, policy, optimizer, batch: Trajectory, rng: torch.Generator) -> dict[str, float]:
         T = batch.log_probs.shape[1]
@@ -136,17 +170,21 @@ class DDPO(Algorithm):
         dev = policy.device
         adv = batch.advantages.clamp(-self.config.adv_clip_max, self.config.adv_clip_max).to(dev)
         weights = batch.weights.to(dev) if batch.weights is not None else None
+        current = batch.extras.get(PROX_CURRENT_KEY)  # (N,) stale mask: π_prox = θ now (deferred, no step yet)
         prox = batch.extras[PROX_KEY] if PROX_KEY in batch.extras else batch.log_probs  # no prepare_batch: on-policy
         avg = StepAverager(len(steps))
         centred = batch.extras.get(ADV_KEY)  # (N, T): stale batch with the importance-weighted baseline
-        per_element = PROX_ELEM_KEY in batch.extras  # stale batch under the per-element objective
+        per_element = PROX_ELEM_KEY in batch.extras or (current is not None and self.config.stale_objective == "per_element")
         for j in steps:
             adv_j = centred[:, j].to(dev) if centred is not None else adv
             if per_element:
-                loss, stats = self._per_element_loss(policy, batch, j, adv_j, weights)
+                loss, stats = self._per_element_loss(policy, batch, j, adv_j, weights, current)
             else:
                 log_prob = policy.log_prob(batch, j)
-                loss, stats = decoupled_ppo_loss(log_prob, prox[:, j].to(dev), batch.log_probs[:, j].to(dev), adv_j,
+                prox_j = prox[:, j].to(dev)
+                if current is not None:
+                    prox_j = torch.where(current.to(dev), log_prob.detach().float(), prox_j.float())
+                loss, stats = decoupled_ppo_loss(log_prob, prox_j, batch.log_probs[:, j].to(dev), adv_j,
                                                  self.config.clip_range, self.config.is_clip, weights)
             optimizer.backward(loss)
             if centred is not None:
@@ -154,24 +192,31 @@ class DDPO(Algorithm):
             avg.add({"loss": loss.item(), **stats})
         return avg.result()
 
-    def _per_element_loss(self, policy, batch: Trajectory, j: int, adv, weights):
+    def _per_element_loss(self, policy, batch: Trajectory, j: int, adv, weights, current=None):
         """Step j of a stale batch: fresh samples per sample (stored log-probs), stale ones per element.
 
         Stale sample i: mean over elements d of w_d · max(−A ρ_d, −A clip(ρ_d, 1 ± ε')), with
         ρ_d = π_θ,d / π_prox,d, w_d = min(π_prox,d / π_b,d, c̄), ε' = `stale_clip_range`. Statistics
-        are over the stale samples' elements when the minibatch has any.
+        are over the stale samples' elements when the minibatch has any. `current` (the first minibatch
+        of a deferred stale batch): π_prox is θ itself, so its densities are this forward's, detached.
         """
         dev = policy.device
         lp_d, std = policy.element_log_prob(batch, j)
         n = lp_d.shape[0]
         lp_d = lp_d.reshape(n, -1)
         log_prob = lp_d.mean(dim=1)
-        per_sample, stats = decoupled_ppo_terms(log_prob, batch.extras[PROX_KEY][:, j].to(dev),
-                                                batch.log_probs[:, j].to(dev), adv, self.config.clip_range, self.config.is_clip)
         idx = torch.nonzero(batch.sample_staleness() > 0).flatten()
+        if current is not None:
+            prox = torch.where(current.to(dev), log_prob.detach().float(), batch.log_probs[:, j].to(dev).float())
+            prox_elem = lp_d.detach().float()[idx.to(dev)]
+        else:
+            prox = batch.extras[PROX_KEY][:, j].to(dev)
+            prox_elem = batch.extras[PROX_ELEM_KEY][idx, j].reshape(len(idx), -1).to(dev) if len(idx) else None
+        per_sample, stats = decoupled_ppo_terms(log_prob, prox,
+                                                batch.log_probs[:, j].to(dev), adv, self.config.clip_range, self.config.is_clip)
         if len(idx):
             idx_d = idx.to(dev)
-            prox_d = batch.extras[PROX_ELEM_KEY][idx, j].reshape(len(idx), -1).to(dev)
+            prox_d = prox_elem
             beh_d = behaviour_element_log_prob(batch.extras[NOISE_KEY][idx, j].reshape(len(idx), -1).to(dev), std)
             elem, stats = decoupled_ppo_terms(lp_d[idx_d], prox_d, beh_d, adv[idx_d, None], self.config.stale_clip_range,
                                               self.config.is_clip)
