@@ -59,7 +59,7 @@ class Trajectory:
     """A batch of DDIM trajectories x_T -> x_0 with per-step log-probs, made by policy `version`."""
 
     prompts: list[str]
-    latents: torch.Tensor  # (N, T+1, C, h, w): x_T, ..., x_0
+    latents: torch.Tensor  # (N, T+1, C, h, w): x_T, ..., x_0, in the sampling dtype (bf16 on GPU, fp32 on CPU)
     timesteps: torch.Tensor  # (T,) scheduler timesteps, same for the whole batch
     log_probs: torch.Tensor  # (N, T) log p(x_{t-1} | x_t, c), mean over C*h*w, float32
     cond: Conditioning

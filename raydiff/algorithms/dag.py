@@ -175,7 +175,7 @@ class DAG(Algorithm):
         T = batch.log_probs.shape[1]
         out, eps = policy.step(batch, j)  # log P_F with gradients to the policy, ε̂ (CFG)
         log_pf = out.log_prob
-        t, x_t, x_prev = batch.timesteps[j], batch.latents[:, j].to(dev), batch.latents[:, j + 1].to(dev)
+        t, x_t, x_prev = batch.timesteps[j], batch.latents[:, j].to(dev, torch.float32), batch.latents[:, j + 1].to(dev, torch.float32)
         log_pb = backward_log_prob(policy.model.scheduler, t, x_t, x_prev)
         cond = batch.cond.to(dev)
         beta = batch.extras["beta"].to(dev).float()
