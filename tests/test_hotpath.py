@@ -24,3 +24,25 @@ def test_trajectory_kept_in_sampling_dtype_and_rescored_exactly(tiny_sd):
     with torch.no_grad():
         for j in range(3):
             assert torch.equal(policy.log_prob(traj, j).cpu(), traj.log_probs[:, j])  # exactly what the sampler scored
+
+
+def test_step_averager_reads_device_scalars_once_and_matches_floats():
+    """The learner's statistics stay 0-d tensors per step; the minibatch result equals the float arithmetic."""
+    from raydiff.algorithms.common import StepAverager, decoupled_ppo_terms
+
+    g = torch.Generator().manual_seed(0)
+    per_step = []
+    for _ in range(3):
+        lp, prox, beh, adv = (torch.randn(5, generator=g) * 0.1 for _ in range(4))
+        per_step.append(decoupled_ppo_terms(lp, prox, beh, adv, 0.05, 1.5)[1])
+    assert all(torch.is_tensor(v) and v.ndim == 0 for v in per_step[0].values())  # no .item() per step
+    avg = StepAverager(3)
+    for s in per_step:
+        avg.add({**s, "loss": s["ratio_mean"] * 2, "count": 1.0})
+    out = avg.result()
+    assert all(isinstance(v, float) for v in out.values())
+    for k in per_step[0]:
+        vals = [float(s[k]) for s in per_step]
+        expected = max(vals) if k.endswith("max_dev") else sum(v / 3 for v in vals)
+        assert abs(out[k] - expected) < 1e-6, k
+    assert abs(out["count"] - 1.0) < 1e-6

@@ -198,7 +198,7 @@ class DAG(Algorithm):
             prox = batch.extras[PROX_KEY][:, j].to(dev) if PROX_KEY in batch.extras else behaviour
             ppo, stats = decoupled_ppo_terms(log_pf, prox, behaviour, adv, cfg.clip_range, cfg.is_clip)
             per = per_flow + cfg.klpf * ppo
-            parts.update(loss_klpf=ppo.detach(), **{k: torch.tensor(v) for k, v in stats.items()})
+            parts.update(loss_klpf=ppo.detach(), **{k: torch.as_tensor(v) for k, v in stats.items()})
         if cfg.proximal_coef > 0:
             eps_old = batch.extras["eps"][:, j].to(dev, eps.dtype)
             prox = ((eps - eps_old) ** 2).float().mean(dim=(1, 2, 3))
