@@ -36,19 +36,19 @@ ARCH = {  # resolution, text dim, UNet TFLOP per call (batch 1), VAE decode TFLO
     "sd15": dict(unet=SD15_UNET, resolution=512, text_dim=768, unet_tflop=0.803, vae_tflop=2.5, scaling=0.18215),
     "sdxl": dict(unet=SDXL_UNET, resolution=1024, text_dim=2048, unet_tflop=6.76, vae_tflop=10.5, scaling=0.13025),
 }
-# --dry-run shapes: the same code paths on CPU in seconds (2 down blocks, 32/64 channels, 64 px).
+# --dry-run shapes: the same code paths on CPU in seconds (2 down blocks, 32/64 channels, 32 px).
 TINY_UNET = dict(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, cross_attention_dim=32,
+    sample_size=4, in_channels=4, out_channels=4, layers_per_block=1, cross_attention_dim=32,
     block_out_channels=[32, 64], attention_head_dim=4, norm_num_groups=8,
     down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
 )
 TINY_XL_UNET = dict(TINY_UNET, cross_attention_dim=32, use_linear_projection=True, addition_embed_type="text_time",
                     addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
-TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64,
+TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=32,
                 block_out_channels=[16, 32, 32, 32], norm_num_groups=8,
                 down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
-ARCH["sd15_tiny"] = dict(unet=TINY_UNET, vae=TINY_VAE, resolution=64, text_dim=32, pooled_dim=32, unet_tflop=0.803, vae_tflop=2.5, scaling=0.18215)
-ARCH["sdxl_tiny"] = dict(unet=TINY_XL_UNET, vae=TINY_VAE, resolution=64, text_dim=32, pooled_dim=32, unet_tflop=6.76, vae_tflop=10.5, scaling=0.13025)
+ARCH["sd15_tiny"] = dict(unet=TINY_UNET, vae=TINY_VAE, resolution=32, text_dim=32, pooled_dim=32, unet_tflop=0.803, vae_tflop=2.5, scaling=0.18215)
+ARCH["sdxl_tiny"] = dict(unet=TINY_XL_UNET, vae=TINY_VAE, resolution=32, text_dim=32, pooled_dim=32, unet_tflop=6.76, vae_tflop=10.5, scaling=0.13025)
 TINY = {"sd15": "sd15_tiny", "sdxl": "sdxl_tiny"}
 ARCH_DIR = {"sd15": "sd15", "sdxl": "sdxl"}  # published configs in raydiff/models/architectures/
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "h800": 989.0, "a100": 312.0}
@@ -143,7 +143,8 @@ def random_cond(model, arch: str, n: int):
     r = model.resolution
     time_ids = torch.tensor([[r, r, 0, 0, r, r]] * n, device=dev, dtype=dt)
     pd = a.get("pooled_dim", 1280)
-    return Conditioning(emb, neg, torch.randn(n, pd, device=dev, dtype=dt), torch.randn(n, pd, device=dev, dtype=dt), time_ids)
+    pooled = torch.randn(n, pd, generator=g, device=dev, dtype=dt)  # seeded: two builds get the same conditioning
+    return Conditioning(emb, neg, pooled, torch.randn(n, pd, generator=g, device=dev, dtype=dt), time_ids)
 
 
 def require_gpu(device: str) -> None:

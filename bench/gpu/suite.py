@@ -57,7 +57,8 @@ def run_case(name: str, target: str, kwargs: dict, timeout: float, dry: bool, ou
         status = "ok" if proc.returncode == 0 and res_file.exists() else f"failed rc={proc.returncode}"
         log = proc.stdout[-3000:] + proc.stderr[-3000:]
     except subprocess.TimeoutExpired as e:
-        status, log = f"timeout {timeout}s", str(e.stderr or "")[-3000:]
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        status, log = f"timeout {timeout}s", err[-3000:]
     res = json.loads(res_file.read_text()) if res_file.exists() else {}
     res.update(case=name, status=status, wall_s=round(time.perf_counter() - t0, 1))
     (out / f"{name}.log").write_text(log)
