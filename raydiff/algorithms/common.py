@@ -46,7 +46,6 @@ default: on the tiny async config it did not change the reward (docs/algorithms/
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 
 import torch
 from pydantic import Field
