@@ -39,6 +39,8 @@ class ModelSection(Section):
     lora: LoraSection = Field(default_factory=LoraSection, description="LoRA shape, used when finetune=lora.")
     gradient_checkpointing: bool = Field(False, description="Recompute denoiser activations in backward to save memory.")
     attention: Literal["sdpa", "default"] = Field("sdpa", description="Attention kernel: PyTorch SDPA or diffusers' default processor.")
+    compile: bool = Field(False, description="torch.compile the UNet forward of rollouts and learners (GPU: faster after a warm-up; CPU: usually slower).")
+    channels_last: bool = Field(False, description="Keep UNet (and VAE) conv weights in channels_last memory format (faster convolutions on GPU).")
 
 
 class SamplingSection(Section):
@@ -82,6 +84,7 @@ class RolloutSection(Section):
     placement_strategy: Literal["SPREAD", "PACK", "STRICT_PACK", "STRICT_SPREAD"] = Field("SPREAD", description="Placement group strategy for the rollout workers (SPREAD: across nodes when possible).")
     placement_timeout_s: float = Field(900.0, gt=0, description="How long to wait for the cluster (or autoscaler) to place the rollout workers before failing.")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per rollout worker on CPU.")
+    fuse_lora: bool = Field(True, description="Merge the LoRA into the rollout weights once per weight version (exactly reversible; same images within fp32/bf16 tolerance, faster).")
     decode_chunk: Optional[int] = Field(None, ge=1, description="Latents per VAE decode call (final images and DAG's x̂_0 rewards); None = from free GPU memory on GPU, 8 on CPU.")
     gpu_memory_gb: float = Field(80.0, gt=0, description="Memory of one GPU on rollout nodes; the memory plan (raydiff plan) refuses configs predicted to exceed it.")
     overlap_scoring: bool = Field(True, description="Score batch i while sampling batch i+1 on the same worker (false: wait for scores after every batch).")

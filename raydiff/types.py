@@ -62,7 +62,7 @@ class Trajectory:
     outside the SDE window, whose log-prob is NaN); `eta` is then the configured a."""
 
     prompts: list[str]
-    latents: torch.Tensor  # (N, T+1, C, h, w): x_T, ..., x_0
+    latents: torch.Tensor  # (N, T+1, C, h, w): x_T, ..., x_0, in the sampling dtype (bf16 on GPU, fp32 on CPU)
     timesteps: torch.Tensor  # (T,) scheduler timesteps (flow: σ·1000), same for the whole batch
     log_probs: torch.Tensor  # (N, T) log p(x_{t-1} | x_t, c), mean over C*h*w, float32 (NaN on deterministic steps)
     cond: Conditioning

@@ -164,7 +164,7 @@ def test_early_stop_and_chain_match_the_rollout_sampler(model64):
     with torch.no_grad():
         full = _run(m, cond, x_T, GradPlan(T, frozenset()))
         early = _run(m, cond, x_T, GradPlan(T, frozenset({0}), truncate=False, stop_at=1))
-    torch.testing.assert_close(full.latents.float(), traj.latents[:, -1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(full.latents.float(), traj.latents[:, -1].float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(early.latents.float(), traj.extras["x0_pred"][:, 1], rtol=1e-5, atol=1e-5)
     assert early.unet_calls == 2
 

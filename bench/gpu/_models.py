@@ -36,6 +36,21 @@ ARCH = {  # resolution, text dim, UNet TFLOP per call (batch 1), VAE decode TFLO
     "sd15": dict(unet=SD15_UNET, resolution=512, text_dim=768, unet_tflop=0.803, vae_tflop=2.5, scaling=0.18215),
     "sdxl": dict(unet=SDXL_UNET, resolution=1024, text_dim=2048, unet_tflop=6.76, vae_tflop=10.5, scaling=0.13025),
 }
+# --dry-run shapes: the same code paths on CPU in seconds (2 down blocks, 32/64 channels, 32 px).
+TINY_UNET = dict(
+    sample_size=4, in_channels=4, out_channels=4, layers_per_block=1, cross_attention_dim=32,
+    block_out_channels=[32, 64], attention_head_dim=4, norm_num_groups=8,
+    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+)
+TINY_XL_UNET = dict(TINY_UNET, cross_attention_dim=32, use_linear_projection=True, addition_embed_type="text_time",
+                    addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
+TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=32,
+                block_out_channels=[16, 32, 32, 32], norm_num_groups=8,
+                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+ARCH["sd15_tiny"] = dict(unet=TINY_UNET, vae=TINY_VAE, resolution=32, text_dim=32, pooled_dim=32, unet_tflop=0.803, vae_tflop=2.5, scaling=0.18215)
+ARCH["sdxl_tiny"] = dict(unet=TINY_XL_UNET, vae=TINY_VAE, resolution=32, text_dim=32, pooled_dim=32, unet_tflop=6.76, vae_tflop=10.5, scaling=0.13025)
+TINY = {"sd15": "sd15_tiny", "sdxl": "sdxl_tiny"}
+ARCH_DIR = {"sd15": "sd15", "sdxl": "sdxl"}  # published configs in raydiff/models/architectures/
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "h800": 989.0, "a100": 312.0}
 
 
@@ -76,14 +91,31 @@ def build_model(arch: str, resolution: int | None, dtype: str, device: str, lora
     a = ARCH[arch]
     dt = getattr(torch, dtype)
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**a["unet"]).to(device, dt)
-    vae = AutoencoderKL(**VAE, scaling_factor=a["scaling"]).to(device, dt)
+    unet_cfg, vae_cfg = a["unet"], dict(a.get("vae", VAE), scaling_factor=a["scaling"])
+    if arch in ARCH_DIR:  # the published configs, as raydiff plan uses them
+        import json
+        from pathlib import Path
+
+        root = Path(__file__).resolve().parents[2] / "raydiff" / "models" / "architectures" / ARCH_DIR[arch]
+        unet_cfg = json.loads((root / "unet" / "config.json").read_text())
+        vae_cfg = json.loads((root / "vae" / "config.json").read_text())
+    # Built directly on the device in the target dtype: no fp32 CPU copy (SDXL would be 10 GB of host RAM).
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dt)
+    try:
+        with torch.device(device):
+            unet = UNet2DConditionModel.from_config(unet_cfg)
+            vae = AutoencoderKL.from_config(vae_cfg)
+    finally:
+        torch.set_default_dtype(old)
+    unet.to(device, dt)
+    vae.to(device, dt)
     for m in (unet, vae):
         m.requires_grad_(False).eval()
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                           set_alpha_to_one=False, steps_offset=1)
     res = resolution or a["resolution"]
-    model = DiffusionModel(kind="sdxl" if arch == "sdxl" else "sd", unet=unet, vae=vae, text_encoders=[], tokenizers=[],
+    model = DiffusionModel(kind="sdxl" if "sdxl" in arch else "sd", unet=unet, vae=vae, text_encoders=[], tokenizers=[],
                            scheduler=sched, resolution=res, device=torch.device(device), dtype=dt, source=f"random:{arch}")
     if lora_rank:
         from peft import LoraConfig
@@ -106,11 +138,13 @@ def random_cond(model, arch: str, n: int):
     g = torch.Generator(dev).manual_seed(1)
     emb = torch.randn(n, 77, a["text_dim"], generator=g, device=dev, dtype=dt)
     neg = torch.randn(n, 77, a["text_dim"], generator=g, device=dev, dtype=dt)
-    if arch != "sdxl":
+    if "sdxl" not in arch:
         return Conditioning(emb, neg)
     r = model.resolution
     time_ids = torch.tensor([[r, r, 0, 0, r, r]] * n, device=dev, dtype=dt)
-    return Conditioning(emb, neg, torch.randn(n, 1280, device=dev, dtype=dt), torch.randn(n, 1280, device=dev, dtype=dt), time_ids)
+    pd = a.get("pooled_dim", 1280)
+    pooled = torch.randn(n, pd, generator=g, device=dev, dtype=dt)  # seeded: two builds get the same conditioning
+    return Conditioning(emb, neg, pooled, torch.randn(n, pd, generator=g, device=dev, dtype=dt), time_ids)
 
 
 def require_gpu(device: str) -> None:

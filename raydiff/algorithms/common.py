@@ -46,7 +46,6 @@ default: on the tiny async config it did not change the reward (docs/algorithms/
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 
 import torch
 from pydantic import Field
@@ -147,7 +146,7 @@ def centre_advantages(batch: Trajectory, advantages: torch.Tensor, is_clip: floa
 
 
 def decoupled_ppo_loss(log_prob, prox_log_prob, behaviour_log_prob, advantages, clip_range: float, is_clip: float,
-                       weights=None) -> tuple[torch.Tensor, dict[str, float]]:
+                       weights=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Decoupled clipped surrogate (to minimise) and its statistics; every input (N,).
 
     `weights` (N,) are extra per-sample weights (e.g. the staleness gate's damping, 0 for
@@ -160,7 +159,7 @@ def decoupled_ppo_loss(log_prob, prox_log_prob, behaviour_log_prob, advantages, 
 
 
 def decoupled_ppo_terms(log_prob, prox_log_prob, behaviour_log_prob, advantages, clip_range: float,
-                        is_clip: float) -> tuple[torch.Tensor, dict[str, float]]:
+                        is_clip: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-sample w · max(−Aρ, −A clip(ρ, 1±ε)) (N,) and the step's ratio / weight statistics."""
     ratio = torch.exp(log_prob - prox_log_prob)
     log_w = (prox_log_prob - behaviour_log_prob).detach()
@@ -169,29 +168,42 @@ def decoupled_ppo_terms(log_prob, prox_log_prob, behaviour_log_prob, advantages,
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     per_sample = is_w * torch.maximum(unclipped, clipped)
-    with torch.no_grad():
+    with torch.no_grad():  # 0-d tensors on the device: read back once per minibatch (StepAverager), no sync per step
         stats = {
-            "approx_kl": 0.5 * ((log_prob - prox_log_prob) ** 2).mean().item(),
-            "clipfrac": (torch.abs(ratio - 1.0) > clip_range).float().mean().item(),
-            "ratio_mean": ratio.mean().item(),
-            "ratio_max_dev": (ratio - 1.0).abs().max().item(),
-            "is_weight_mean": is_w.mean().item(),
-            "is_weight_max_dev": (is_w - 1.0).abs().max().item(),
-            "is_truncated_frac": (is_w_raw > is_clip).float().mean().item(),
-            "behaviour_approx_kl": 0.5 * (log_w**2).mean().item(),
+            "approx_kl": 0.5 * ((log_prob - prox_log_prob) ** 2).mean(),
+            "clipfrac": (torch.abs(ratio - 1.0) > clip_range).float().mean(),
+            "ratio_mean": ratio.mean(),
+            "ratio_max_dev": (ratio - 1.0).abs().max(),
+            "is_weight_mean": is_w.mean(),
+            "is_weight_max_dev": (is_w - 1.0).abs().max(),
+            "is_truncated_frac": (is_w_raw > is_clip).float().mean(),
+            "behaviour_approx_kl": 0.5 * (log_w**2).mean(),
         }
     return per_sample, stats
 
 
 class StepAverager:
-    """Per-step statistics over the trained timesteps: means, except *_max_dev which keep the maximum."""
+    """Per-step statistics over the trained timesteps: means, except *_max_dev which keep the maximum.
+
+    Values may be 0-d device tensors: they are combined on the device and copied to the host in
+    one transfer by `result()` (once per minibatch), so the learner never syncs per step.
+    """
 
     def __init__(self, n: int):
-        self.n, self.totals = n, defaultdict(float)
+        self.n, self.totals = n, {}
 
-    def add(self, stats: dict[str, float]) -> None:
+    def add(self, stats: dict) -> None:
         for k, v in stats.items():
-            self.totals[k] = max(self.totals[k], v) if k.endswith("max_dev") else self.totals[k] + v / self.n
+            v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
+            old = self.totals.get(k)
+            if k.endswith("max_dev"):
+                self.totals[k] = v if old is None else torch.maximum(old, v)
+            else:
+                self.totals[k] = v / self.n if old is None else old + v / self.n
 
     def result(self) -> dict[str, float]:
-        return dict(self.totals)
+        if not self.totals:
+            return {}
+        dev = next((v.device for v in self.totals.values() if v.device.type != "cpu"), torch.device("cpu"))
+        vals = torch.stack([v.to(dev).reshape(()) for v in self.totals.values()]).tolist()  # one device->host copy
+        return dict(zip(self.totals, vals))

@@ -176,7 +176,7 @@ class DAG(Algorithm):
         T = batch.log_probs.shape[1]
         out, eps = policy.step(batch, j)  # log P_F with gradients to the policy, ε̂ (CFG)
         log_pf = out.log_prob
-        t, x_t, x_prev = batch.timesteps[j], batch.latents[:, j].to(dev), batch.latents[:, j + 1].to(dev)
+        t, x_t, x_prev = batch.timesteps[j], batch.latents[:, j].to(dev, torch.float32), batch.latents[:, j + 1].to(dev, torch.float32)
         log_pb = backward_log_prob(policy.model.scheduler, t, x_t, x_prev)
         cond = batch.cond.to(dev)
         beta = batch.extras["beta"].to(dev).float()
@@ -199,7 +199,7 @@ class DAG(Algorithm):
             prox = batch.extras[PROX_KEY][:, j].to(dev) if PROX_KEY in batch.extras else behaviour
             ppo, stats = decoupled_ppo_terms(log_pf, prox, behaviour, adv, cfg.clip_range, cfg.is_clip)
             per = per_flow + cfg.klpf * ppo
-            parts.update(loss_klpf=ppo.detach(), **{k: torch.tensor(v) for k, v in stats.items()})
+            parts.update(loss_klpf=ppo.detach(), **{k: torch.as_tensor(v) for k, v in stats.items()})
         if cfg.proximal_coef > 0:
             eps_old = batch.extras["eps"][:, j].to(dev, eps.dtype)
             prox = ((eps - eps_old) ** 2).float().mean(dim=(1, 2, 3))

@@ -169,28 +169,31 @@ class DDPO(Algorithm):
         steps = torch.randperm(T, generator=rng)[: self.trained_steps(T)].tolist()
         dev = policy.device
         adv = batch.advantages.clamp(-self.config.adv_clip_max, self.config.adv_clip_max).to(dev)
+        behaviour = batch.log_probs.to(dev)  # moved once per minibatch, not per step
         weights = batch.weights.to(dev) if batch.weights is not None else None
         current = batch.extras.get(PROX_CURRENT_KEY)  # (N,) stale mask: π_prox = θ now (deferred, no step yet)
         prox = batch.extras[PROX_KEY] if PROX_KEY in batch.extras else batch.log_probs  # no prepare_batch: on-policy
         avg = StepAverager(len(steps))
+        prox = prox.to(dev)
         centred = batch.extras.get(ADV_KEY)  # (N, T): stale batch with the importance-weighted baseline
+        centred = centred.to(dev) if centred is not None else None
         per_element = PROX_ELEM_KEY in batch.extras or (current is not None and self.config.stale_objective == "per_element")
         for j in steps:
-            adv_j = centred[:, j].to(dev) if centred is not None else adv
+            adv_j = centred[:, j] if centred is not None else adv
             if per_element:
                 loss, stats = self._per_element_loss(policy, batch, j, adv_j, weights, current)
             else:
                 log_prob = policy.log_prob(batch, j)
-                prox_j = prox[:, j].to(dev)
+                prox_j = prox[:, j]
                 if current is not None:
                     prox_j = torch.where(current.to(dev), log_prob.detach().float(), prox_j.float())
-                loss, stats = decoupled_ppo_loss(log_prob, prox_j, batch.log_probs[:, j].to(dev), adv_j,
+                loss, stats = decoupled_ppo_loss(log_prob, prox_j, behaviour[:, j], adv_j,
                                                  self.config.clip_range, self.config.is_clip, weights)
             optimizer.backward(loss)
             if centred is not None:
-                stats["is_baseline"] = (adv - adv_j).mean().item()
-            avg.add({"loss": loss.item(), **stats})
-        return avg.result()
+                stats["is_baseline"] = (adv - adv_j).mean()
+            avg.add({"loss": loss.detach(), **stats})
+        return avg.result()  # the one host sync of this minibatch
 
     def _per_element_loss(self, policy, batch: Trajectory, j: int, adv, weights, current=None):
         """Step j of a stale batch: fresh samples per sample (stored log-probs), stale ones per element.

@@ -41,7 +41,7 @@ class ExperienceWriter:
             cols[f"time_{k}"] = np.full(n, float(v), np.float64)
         if self.keep_tensors:
             cols["log_probs"] = [row.tolist() for row in batch.log_probs.numpy()]
-            cols["latents"] = [row.numpy().astype(np.float16).tobytes() for row in batch.latents]
+            cols["latents"] = [row.float().numpy().astype(np.float16).tobytes() for row in batch.latents]
         table = pa.table(cols)
         if self.writer is None:
             self.writer = pq.ParquetWriter(str(self.path), table.schema)

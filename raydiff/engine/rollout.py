@@ -23,7 +23,8 @@ import torch
 from raydiff.engine.cluster.plan import runtime_decode_chunk
 from raydiff.engine.scoring import ScoringJob, scoring_pool
 from raydiff.models.loader import load_model
-from raydiff.models.lora import load_trainable_state_dict, state_checksum, trainable_state_dict
+from raydiff.models.lora import state_checksum, trainable_state_dict
+from raydiff.models.lora_fuse import RolloutWeights
 from raydiff.sampling.conditioning import encode_prompts
 from raydiff.sampling.flow_sampler import draw_window
 from raydiff.sampling.sampler import decode_images, sample
@@ -62,6 +63,7 @@ class RolloutWorker:
         torch.manual_seed(cfg.train.seed)  # same LoRA init as the learner
         self.model = load_model(cfg.model, device)
         self.model.denoiser.eval()
+        self.weights = RolloutWeights(self.model.denoiser, fuse=cfg.rollout.fuse_lora)  # LoRA merged once per version
         self.rewards = build_reward_fn(cfg.reward)
         self.version = 0
         self.checksum = state_checksum(trainable_state_dict(self.model.denoiser))
@@ -83,7 +85,7 @@ class RolloutWorker:
         if actual != checksum:
             log.error("rollout %d: rejected weight update v%d: checksum mismatch (%s != %s)", self.rank, version, actual[:12], checksum[:12])
             return False
-        load_trainable_state_dict(self.model.denoiser, state)
+        self.weights.load(state)
         self.version, self.checksum = version, checksum
         return True
 

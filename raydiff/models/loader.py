@@ -114,4 +114,7 @@ def load_model(cfg, device: str | torch.device = "cpu") -> DiffusionModel:
     from raydiff.models.lora import make_trainable
 
     make_trainable(model, cfg)
+    from raydiff.engine.compile import apply_speedups
+
+    apply_speedups(model, cfg)  # model.channels_last / model.compile
     return model

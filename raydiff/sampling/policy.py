@@ -20,6 +20,7 @@ class Policy:
     def __init__(self, model):
         self.model = model
         self._num_steps = None
+        self._moved = None  # (batch, its latents / cond / timesteps on the device, host timesteps)
 
     @property
     def device(self) -> torch.device:
@@ -34,6 +35,18 @@ class Policy:
         if self._num_steps != num_steps:
             self.model.family.set_timesteps(self.model, num_steps)
             self._num_steps = num_steps
+
+    def on_device(self, batch: Trajectory):
+        """(latents, cond, timesteps) of `batch` on the device and the host timesteps: one copy per batch, not per step.
+
+        Per-step `.to(device)` of pageable CPU tensors and `int(t)` of a device tensor each block
+        the host until the GPU catches up; the ᾱ lookup uses the host ints instead.
+        """
+        if self._moved is None or self._moved[0] is not batch:
+            dev, dt = self.device, self.model.dtype
+            self._moved = (batch, batch.latents.to(dev, dt), batch.cond.to(dev), batch.timesteps.to(dev),
+                           [int(t) for t in batch.timesteps])
+        return self._moved[1:]
 
     def noise_levels(self, batch: Trajectory, j: int) -> torch.Tensor:
         """(N,) step noise of transition j: flow a per sample (0 outside the SDE window), else DDIM's η."""
@@ -51,14 +64,12 @@ class Policy:
         """Score the stored transition j (x_t = latents[:, j] -> latents[:, j+1]); returns (step output, network output)."""
         self._schedule(batch.num_steps)
         m = self.model
-        t = batch.timesteps[j].to(self.device)
-        x_t = batch.latents[:, j].to(self.device, m.dtype)
-        x_prev = batch.latents[:, j + 1].to(self.device, m.dtype)
-        cond = batch.cond.to(self.device)
-        out = predict_noise(m, x_t, t, cond, batch.guidance_scale)
+        latents, cond, steps, steps_host = self.on_device(batch)
+        x_t, x_prev = latents[:, j], latents[:, j + 1]
+        out = predict_noise(m, x_t, steps[j], cond, batch.guidance_scale)
         if self.step_kind == "flow":
             return flow_sde_step(m.scheduler, out, j, x_t, self.noise_levels(batch, j).to(self.device), prev_sample=x_prev), out
-        return ddim_step(m.scheduler, out, t, x_t, batch.eta, prev_sample=x_prev), out
+        return ddim_step(m.scheduler, out, steps_host[j], x_t, batch.eta, prev_sample=x_prev), out
 
     def log_prob(self, batch: Trajectory, j: int) -> torch.Tensor:
         return self.step(batch, j)[0].log_prob
@@ -66,5 +77,5 @@ class Policy:
     def element_log_prob(self, batch: Trajectory, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-element log-density of transition j (N, C, h, w), float32, and the step's σ (scalar, or (N,1,1,1) for flow)."""
         out = self.step(batch, j)[0]
-        x_prev = batch.latents[:, j + 1].to(self.device, self.model.dtype)
+        x_prev = self.on_device(batch)[0][:, j + 1]
         return gaussian_log_density(x_prev, out.mean, out.std), out.std.float()

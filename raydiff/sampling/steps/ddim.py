@@ -70,7 +70,7 @@ def ddim_step(
     a_t, a_prev, prev_t = alphas_at(scheduler, t)
     sample_dtype = x_t.dtype
     step_dtype = torch.promote_types(torch.promote_types(x_t.dtype, eps.dtype), torch.float32)  # fp32, or fp64 when given
-    a_t, a_prev = a_t.to(eps.device, step_dtype), a_prev.to(eps.device, step_dtype)
+    a_t, a_prev = a_t.to(step_dtype), a_prev.to(step_dtype)  # 0-d CPU tensors join device maths as scalars: no copy, no sync
     eps32, x_t32 = eps.to(step_dtype), x_t.to(step_dtype)
     beta_t = 1 - a_t
     x0 = (x_t32 - beta_t ** (0.5) * eps32) / a_t ** (0.5)
