@@ -33,7 +33,7 @@ from raydiff.engine.records import read_experience  # noqa: E402
 from raydiff.engine.storage import Storage, join_uri  # noqa: E402
 
 pytestmark = pytest.mark.slow
-EPOCHS = 4
+EPOCHS = 3
 SAMPLES_PER_EPOCH = 16  # 1 rollout worker x 2 batches x 8
 
 

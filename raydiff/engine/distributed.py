@@ -88,6 +88,9 @@ class DistributedLearner:
             L = self.learner
             L.stepper.save_checkpoint(str(d / "deepspeed"), tag="state",
                                       client_state={"version": L.version, "rng": L.rng.get_state()})
+            # DeepSpeed keeps client_state in rank 0's file only, so every rank would resume with
+            # rank 0's RNG (other minibatch orders than an uninterrupted run): each rank saves its own.
+            torch.save(L.rng.get_state(), d / "deepspeed" / f"rng_rank{L.rank}.pt")
             full = L.stepper.gathered_trainable_state()  # collective under ZeRO-3
             state = self._unet_state(full)
             if L.rank == 0:
@@ -107,8 +110,10 @@ class DistributedLearner:
         with Scratch("raydiff-ds-") as d:
             Storage(directory).download_dir("deepspeed", d / "deepspeed")
             client = L.stepper.load_checkpoint(str(d / "deepspeed"), tag="state")
+            own_rng = d / "deepspeed" / f"rng_rank{L.rank}.pt"
+            rng = torch.load(own_rng, weights_only=False) if own_rng.is_file() else client["rng"]
         L.version = client["version"]
-        L.rng.set_state(client["rng"])
+        L.rng.set_state(rng)
         return L.version
 
 
