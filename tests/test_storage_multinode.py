@@ -33,7 +33,7 @@ from raydiff.engine.records import read_experience  # noqa: E402
 from raydiff.engine.storage import Storage, join_uri  # noqa: E402
 
 pytestmark = pytest.mark.slow
-EPOCHS = 3
+EPOCHS = 4
 SAMPLES_PER_EPOCH = 16  # 1 rollout worker x 2 batches x 8
 
 
@@ -115,12 +115,17 @@ def runs(cluster, s3_server):
     full, resumed = Storage(join_uri(storage, "full")), Storage(join_uri(storage, "resumed"))
     _submit(cluster, "raydiff-storage-full", storage, "full")
     _submit(cluster, "raydiff-storage-a", storage, "resumed")
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(cluster.job_address)  # HTTP: stops within an epoch, unlike a fresh CLI process
     deadline = time.time() + 600
     while ckpt.latest_checkpoint(resumed) is None:
-        assert time.time() < deadline and _status(cluster, "raydiff-storage-a") in ("RUNNING", "PENDING"), \
+        assert time.time() < deadline and not client.get_job_status("raydiff-storage-a").is_terminal(), \
             _cli(cluster, "logs", "raydiff-storage-a")[-6000:]
+        time.sleep(0.2)
+    client.stop_job("raydiff-storage-a")
+    while not client.get_job_status("raydiff-storage-a").is_terminal():
         time.sleep(0.5)
-    _cli(cluster, "stop", "raydiff-storage-a")
     assert _status(cluster, "raydiff-storage-a") == "STOPPED"  # stopped mid-run, not finished
     stopped_at = int(str(ckpt.latest_checkpoint(resumed)).split("step_")[1][:6])
     _wait(cluster, "raydiff-storage-full")
