@@ -122,8 +122,11 @@ class TrainSection(Section):
 
 class OutputSection(Section):
     run_dir: str = Field("runs/${name}", description="Run directory; ${name} is replaced by `name`.")
+    storage: Optional[str] = Field(None, description="Where every durable artefact goes, reachable from every node: a shared dir or a pyarrow.fs URI "
+                                   "(s3://bucket/prefix?endpoint_override=HOST:PORT&scheme=http, gs://bucket/prefix); the run lives at STORAGE/<name>. "
+                                   "None = run_dir on the driver's disk.")
     checkpoint_every: int = Field(10, ge=0, description="Save a checkpoint every N epochs (0 = only at the end).")
-    resume: str = Field("never", description="never | auto (latest complete checkpoint in run_dir) | a checkpoint path.")
+    resume: str = Field("never", description="never | auto (latest complete checkpoint in the run's storage) | a checkpoint path or URI.")
     image_grid_every: int = Field(1, ge=0, description="Write a grid of samples every N epochs (0 = never).")
     tensorboard: bool = Field(True, description="Write TensorBoard event files next to metrics.jsonl.")
     progress: bool = Field(True, description="Show progress bars.")

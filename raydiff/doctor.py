@@ -108,6 +108,9 @@ def check_ray(r: Report, cfg: RunConfig | None) -> bool:
 
 
 def check_run_dir(r: Report, cfg: RunConfig) -> None:
+    if cfg.output.storage:
+        check_storage(r, cfg)
+        return
     run_dir = Path(cfg.run_dir).resolve()
     probe = run_dir
     while not probe.exists():
@@ -116,6 +119,24 @@ def check_run_dir(r: Report, cfg: RunConfig) -> None:
         r.ok(f"run dir {cfg.run_dir} is writable" + ("" if probe == run_dir else f" (will be created under {probe})"))
     else:
         r.fail(f"run dir {cfg.run_dir}: {probe} is not a writable folder; set output.run_dir=<a writable path>")
+
+
+def check_storage(r: Report, cfg: RunConfig) -> None:
+    """output.storage from this machine: write, read back and delete a probe file."""
+    from raydiff.engine.storage import Storage, read_probe, redact, run_location, write_probe
+
+    where = redact(run_location(cfg))
+    try:
+        store = Storage(run_location(cfg))
+        name = write_probe(store)
+        err = read_probe(store.uri, name)
+        store.delete(name)
+    except Exception as e:
+        err = f"{type(e).__name__}: {e}"
+    if err:
+        r.fail(f"output.storage {where}: {err}; check the URI, its endpoint and the credentials in this environment")
+    else:
+        r.ok(f"run storage {where} is writable from here (each node is checked again when a run starts)")
 
 
 def _hub_cached(repo: str, filename: str, revision: str | None = None) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,15 +20,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def final_line(run_dir: Path, wall_s: float, log_file: Path | None) -> str:
-    """The result: last epoch's reward (4 significant digits), wall time, where the outputs are."""
+def final_line(run_dir: Path | str, wall_s: float, log_file: Path | None) -> str:
+    """The result: last epoch's reward (4 significant digits), wall time, where the outputs are (path or URI)."""
     from raydiff.console import fmt
+    from raydiff.engine.metrics import read_metrics
+    from raydiff.engine.storage import redact
 
-    last = {}
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
-        last = json.loads(lines[-1]) if lines else {}
+    rows = read_metrics(run_dir)
+    last = rows[-1] if rows else {}
+    run_dir = redact(str(run_dir))
     reward = f"final reward {fmt(last.get('reward/mean'))}, " if "reward/mean" in last else ""
     logs = f" (internals: {log_file})" if log_file else ""
     return f"raydiff: run finished in {fmt(wall_s, 3)} s; {reward}outputs in {run_dir}{logs}"
@@ -51,7 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     from raydiff import console
 
     t0 = time.time()
-    log_file = console.setup(cfg.run_dir, args.verbose)
+    from raydiff.engine.storage import Storage, run_location, scratch_dir
+
+    # With output.storage the console log goes to node-local scratch and is uploaded at the end
+    # (logs/console.log in run storage); the job's working dir stays free of run outputs.
+    remote_logs = cfg.output.storage is not None
+    log_file = console.setup(scratch_dir("raydiff-logs-") if remote_logs else cfg.run_dir, args.verbose)
     from raydiff.engine.trainer import Trainer, connect_ray
 
     connect_ray(cfg)
@@ -64,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         if log_file:
             print(f"raydiff: run failed; Ray/DeepSpeed logs in {log_file}", file=sys.stderr)
         raise
+    finally:
+        if remote_logs and log_file and Path(log_file).is_file():
+            try:
+                Storage(run_location(cfg)).upload_file(log_file, "logs/console.log")
+            except Exception as e:  # the log upload must not hide the run's own outcome
+                print(f"raydiff: could not upload {log_file} to run storage: {e}", file=sys.stderr)
     print(final_line(run_dir, time.time() - t0, log_file))
     return 0
 

@@ -39,11 +39,13 @@ class Node:
 class MultiNodeCluster:
     """Head (no CPUs by default, like the cluster YAMLs) + worker nodes with custom resources."""
 
-    def __init__(self, head_cpus: float = 0, name: str = "rdmn", start_timeout_s: float = 120):
+    def __init__(self, head_cpus: float = 0, name: str = "rdmn", start_timeout_s: float = 120, dashboard: bool = False):
         # Short temp dirs: Ray's socket paths must stay under 108 bytes.
         self.prefix = f"/tmp/{name}-{os.getpid()}-{int(time.time() * 1000) % 100000}"
         self.head_cpus, self.timeout = head_cpus, start_timeout_s
         self.port = free_port()
+        # dashboard=True: the head runs the dashboard and its job server (`ray job submit --address=job_address`).
+        self.dashboard_port = free_port() if dashboard else None
         self.nodes: list[Node] = []
         self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled",
                         RAY_ADDRESS=self.address, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -63,10 +65,16 @@ class MultiNodeCluster:
         node.proc = ray_start([*args, *common], env, log)
         wait_started(node.proc, log, self.timeout)
 
+    @property
+    def job_address(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
     def start(self) -> "MultiNodeCluster":
         head = Node(f"{self.prefix}-h", self.head_cpus)
         self.nodes.append(head)
-        self._ray_start(["--head", f"--port={self.port}", f"--num-cpus={self.head_cpus}", "--include-dashboard=false",
+        dash = (["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
+                if self.dashboard_port else ["--include-dashboard=false"])
+        self._ray_start(["--head", f"--port={self.port}", f"--num-cpus={self.head_cpus}", *dash,
                          f"--ray-client-server-port={free_port()}"], head)
         return self
 

@@ -13,6 +13,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # One cache of tiny models per test session, built through the same code path as
 # `tiny://` in user configs; set before ray.init so every actor sees it.
 os.environ.setdefault("RAYDIFF_CACHE", tempfile.mkdtemp(prefix="raydiff-test-cache-"))
+# Credentials for the session's S3-API test server (moto accepts any); set before ray.init so
+# Ray workers that open s3:// run storage have them too.
+from _s3 import CREDS  # noqa: E402
+
+for _k, _v in CREDS.items():
+    os.environ.setdefault(_k, _v)
 
 
 @pytest.fixture(scope="session")
@@ -105,6 +111,15 @@ def serve_rewards(ray_cluster, tmp_path_factory):
         serve.delete(cfg.app_name)
     except Exception:
         pass
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-API server (moto server mode) on 127.0.0.1 for the session; stopped by its process group."""
+    from _s3 import S3Server
+
+    with S3Server() as server:
+        yield server
 
 
 def train_config(config: str, run_dir, *overrides: str):

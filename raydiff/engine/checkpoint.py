@@ -1,74 +1,122 @@
-"""Atomic checkpoints: written into a temp dir, marked complete, then renamed into place.
+"""Checkpoints in run storage, complete by manifest (object stores have no rename).
 
-Layout: run_dir/checkpoints/step_000010/{learner/, driver.pt, config.yaml, COMPLETE}.
-A crash mid-write leaves only a `.tmp-*` dir that `latest_checkpoint` ignores.
+Layout: STORAGE/checkpoints/step_000010/{learner/..., driver.pt, config.yaml, MANIFEST.json}.
+Every rank and the driver upload their files first; the driver writes MANIFEST.json
+(each file's size and SHA-256) LAST. A checkpoint is complete iff its manifest exists
+and every file it lists is present with the listed size; `resume: auto` takes the newest
+complete one and ignores the rest (a crash mid-upload leaves a folder without a manifest).
+Older local checkpoints marked by a `COMPLETE` file are still read.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
+import hashlib
+import io
+import json
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-COMPLETE = "COMPLETE"
+from raydiff.engine.storage import Storage, join_uri, redact
+
+MANIFEST = "MANIFEST.json"
+LEGACY_COMPLETE = "COMPLETE"
+ROOT = "checkpoints"
 
 
-def checkpoint_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+def as_storage(run: Storage | str | Path) -> Storage:
+    return run if isinstance(run, Storage) else Storage(str(run))
 
 
-def save_checkpoint(run_dir: str | Path, step: int, write: Callable[[Path], None], keep: int = 3) -> Path:
-    """Call `write(tmp_dir)` to fill a checkpoint, then publish it atomically as step_{step}."""
-    root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    write(tmp)
-    (tmp / COMPLETE).write_text(str(step))
-    final = root / f"step_{step:06d}"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _prune(root, keep)
-    return final
+def step_name(step: int) -> str:
+    return f"{ROOT}/step_{step:06d}"
 
 
-def _prune(root: Path, keep: int) -> None:
-    done = complete_checkpoints(root.parent)
-    for old in done[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+def write_file(store: Storage, rel: str, data: bytes) -> dict[str, dict]:
+    """Write one file and return its manifest entry."""
+    store.write_bytes(rel, data)
+    return {rel: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
 
 
-def complete_checkpoints(run_dir: str | Path) -> list[Path]:
-    root = checkpoint_root(run_dir)
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.name.startswith("step_") and (p / COMPLETE).is_file())
+def save_checkpoint(run: Storage | str | Path, step: int, write: Callable[[Storage], dict], keep: int = 3) -> Path | str:
+    """`write(step_storage) -> {file: {size, sha256}}` uploads the files; then the manifest goes last.
+
+    Returns the checkpoint's location (a Path on local storage, else its URI).
+    """
+    store = as_storage(run)
+    rel = step_name(step)
+    store.delete(rel)  # a leftover incomplete attempt at this step (e.g. before a crash)
+    step_store = store.child(rel)
+    files = dict(write(step_store))
+    step_store.write_bytes(MANIFEST, json.dumps({"step": step, "files": files}, indent=1, sort_keys=True).encode())
+    _prune(store, keep)
+    return store.locate(rel)
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    done = complete_checkpoints(run_dir)
+def _is_complete(store: Storage, rel: str) -> bool:
+    if store.exists(f"{rel}/{LEGACY_COMPLETE}"):
+        return True
+    try:
+        manifest = json.loads(store.read_bytes(f"{rel}/{MANIFEST}"))
+    except (FileNotFoundError, OSError, ValueError):
+        return False
+    present = store.sizes(rel)
+    return all(present.get(name) == entry["size"] for name, entry in manifest["files"].items())
+
+
+def _step_dirs(store: Storage) -> list[str]:
+    return [f"{ROOT}/{n}" for n in store.list(ROOT) if n.startswith("step_")]
+
+
+def complete_checkpoints(run: Storage | str | Path) -> list[Path | str]:
+    """Locations of the complete checkpoints, oldest first."""
+    store = as_storage(run)
+    return [store.locate(rel) for rel in _step_dirs(store) if _is_complete(store, rel)]
+
+
+def latest_checkpoint(run: Storage | str | Path) -> Path | str | None:
+    done = complete_checkpoints(run)
     return done[-1] if done else None
 
 
-def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
-    """`never` -> None, `auto` -> latest complete checkpoint (or None), else an existing checkpoint path."""
+def _prune(store: Storage, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints; drop older ones and incomplete ones older than those."""
+    if keep <= 0:
+        return
+    steps = _step_dirs(store)
+    complete = [rel for rel in steps if _is_complete(store, rel)]
+    if len(complete) <= keep:
+        return
+    oldest_kept = complete[-keep]
+    for rel in steps:
+        if rel < oldest_kept:
+            store.delete(rel)
+
+
+def resolve_resume(resume: str, run: Storage | str | Path) -> Path | str | None:
+    """`never` -> None, `auto` -> latest complete checkpoint (or None), else that checkpoint (path or URI)."""
     if resume == "never":
         return None
     if resume == "auto":
-        return latest_checkpoint(run_dir)
-    p = Path(resume)
-    if not (p / COMPLETE).is_file():
-        raise ValueError(f"output.resume={resume!r} is not a complete checkpoint (no {COMPLETE} file); use auto, never or a step_* folder")
-    return p
+        return latest_checkpoint(run)
+    parent = Storage(resume)
+    if not _is_complete(parent, ""):
+        raise ValueError(f"output.resume={redact(resume)!r} is not a complete checkpoint (no {MANIFEST} listing files "
+                         "that are all present); use auto, never or a complete step_* folder")
+    return parent.locate("")
 
 
-def save_driver_state(directory: Path, state: dict) -> None:
-    torch.save(state, directory / "driver.pt")
+def save_driver_state(step_store: Storage, state: dict) -> dict[str, dict]:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return write_file(step_store, "driver.pt", buf.getvalue())
 
 
-def load_driver_state(directory: Path) -> dict:
-    return torch.load(directory / "driver.pt", weights_only=False)
+def load_driver_state(checkpoint: Path | str) -> dict:
+    data = Storage(str(checkpoint)).read_bytes("driver.pt")
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def learner_uri(checkpoint: Path | str) -> str:
+    return join_uri(str(checkpoint), "learner")

@@ -14,14 +14,13 @@ depend only on that length.
 
 from __future__ import annotations
 
-import os
 import uuid
-from pathlib import Path
 
 import ray
 import torch
 
 from raydiff.engine.learner import Learner
+from raydiff.engine.storage import Scratch, Storage, join_uri, read_probe
 from raydiff.models.lora import export_weights, state_checksum
 from raydiff.types import Trajectory
 
@@ -65,6 +64,8 @@ class DistributedLearner:
             return self.save(task[1])
         if kind == "load":
             return self.load(task[1])
+        if kind == "probe":  # can this rank's node read run storage? (storage.check_reachable)
+            return read_probe(task[1], task[2])
         raise ValueError(f"unknown learner task {kind!r}")
 
     def _denoiser_state(self, full: dict | None = None) -> dict:
@@ -79,30 +80,40 @@ class DistributedLearner:
         update = {"version": self.learner.version, "state": state, "checksum": state_checksum(state)}
         return [ray.put(update)]  # wrapped: a bare ObjectRef would be resolved on return
 
-    def save(self, directory: str) -> str:
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        L = self.learner
-        L.stepper.save_checkpoint(str(d / "deepspeed"), tag="state",
-                                  client_state={"version": L.version, "rng": L.rng.get_state()})
-        full = L.stepper.gathered_trainable_state()  # collective under ZeRO-3
-        state = self._denoiser_state(full)
-        if L.rank == 0:
-            if L.stepper.zero_stage == 3:  # module params are partitioned: take the gathered trainable ones
-                modules = {name: {k.split(".", 2)[2]: v for k, v in full.items() if k.startswith(f"extra.{name}.")} for name in L.modules}
-            else:
-                modules = {name: m.state_dict() for name, m in L.modules.items()}
-            # Same layout as Learner.save minus the optimiser (that lives in deepspeed/): a
-            # single-process Learner can load it too.
-            torch.save({"weights": state, "modules": modules, "version": L.version, "rng": L.rng.get_state()}, d / "learner.pt")
-            export_weights(L.model, d / "export", state=state)
-        return str(d)
+    def save(self, directory: str) -> dict:
+        """Collective. Every rank writes its DeepSpeed shard to node-local scratch and uploads it
+        to `directory` (path or storage URI; file names differ per rank); rank 0 adds learner.pt
+        and the diffusers export. Returns this rank's uploaded files for the manifest."""
+        with Scratch("raydiff-ds-") as d:
+            L = self.learner
+            L.stepper.save_checkpoint(str(d / "deepspeed"), tag="state",
+                                      client_state={"version": L.version, "rng": L.rng.get_state()})
+            # DeepSpeed keeps client_state in rank 0's file only, so every rank would resume with
+            # rank 0's RNG (other minibatch orders than an uninterrupted run): each rank saves its own.
+            torch.save(L.rng.get_state(), d / "deepspeed" / f"rng_rank{L.rank}.pt")
+            full = L.stepper.gathered_trainable_state()  # collective under ZeRO-3
+            state = self._denoiser_state(full)
+            if L.rank == 0:
+                if L.stepper.zero_stage == 3:  # module params are partitioned: take the gathered trainable ones
+                    modules = {name: {k.split(".", 2)[2]: v for k, v in full.items() if k.startswith(f"extra.{name}.")} for name in L.modules}
+                else:
+                    modules = {name: m.state_dict() for name, m in L.modules.items()}
+                # Same layout as Learner.save minus the optimiser (that lives in deepspeed/): a
+                # single-process Learner can load it too.
+                torch.save({"weights": state, "modules": modules, "version": L.version, "rng": L.rng.get_state()}, d / "learner.pt")
+                export_weights(L.model, d / "export", state=state)
+            return Storage(directory).upload_dir(d, "")
 
     def load(self, directory: str) -> int:
+        """Collective: every rank fetches all shards (ZeRO reads the other ranks' too) to scratch and loads."""
         L = self.learner
-        client = L.stepper.load_checkpoint(str(Path(directory) / "deepspeed"), tag="state")
+        with Scratch("raydiff-ds-") as d:
+            Storage(directory).download_dir("deepspeed", d / "deepspeed")
+            client = L.stepper.load_checkpoint(str(d / "deepspeed"), tag="state")
+            own_rng = d / "deepspeed" / f"rng_rank{L.rank}.pt"
+            rng = torch.load(own_rng, weights_only=False) if own_rng.is_file() else client["rng"]
         L.version = client["version"]
-        L.rng.set_state(client["rng"])
+        L.rng.set_state(rng)
         return L.version
 
 
@@ -114,6 +125,9 @@ class _PreStepperLearner(Learner):
         super().__init__(cfg, rank, world_size, stepper_factory=stepper_factory)
 
 
+RESTART_FILE = "ray_train/restart_from"  # in run storage: the checkpoint restarted workers load
+
+
 class GroupLearnerHandle:
     """Driver-side: the LearnerHandle interface over a Ray Train LearnerGroup."""
 
@@ -122,20 +136,17 @@ class GroupLearnerHandle:
 
         self.cfg = cfg
         self.world = cfg.learner.num_workers
-        # Restarted workers (Ray Train FailureConfig) load what this file names: the
-        # checkpoint the driver saved or resumed from last in this run.
-        self.restart_file = Path(run_dir) / "ray_train" / "restart_from"
-        self.restart_file.parent.mkdir(parents=True, exist_ok=True)
-        self.restart_file.unlink(missing_ok=True)
-        self.group = LearnerGroup(_WorkerFactory(cfg, str(self.restart_file)), cfg.learner,
-                                  storage_path=str(self.restart_file.parent),
+        # Restarted workers (Ray Train FailureConfig), on whatever node, load what this run-storage
+        # file names: the checkpoint the driver saved or resumed from last in this run.
+        self.storage = Storage(run_dir)
+        self.storage.delete(RESTART_FILE)
+        self.group = LearnerGroup(_WorkerFactory(cfg, self.storage.uri), cfg.learner,
+                                  storage_path=join_uri(self.storage.uri, "ray_train"),
                                   name=f"learner-{uuid.uuid4().hex[:8]}", max_failures=cfg.learner.max_failures).start()
         self.version = 0
 
     def _mark_restart_point(self, directory: str) -> None:
-        tmp = self.restart_file.with_suffix(".tmp")
-        tmp.write_text(directory)
-        os.replace(tmp, self.restart_file)
+        self.storage.write_bytes(RESTART_FILE, str(directory).encode())
 
     def train(self, batch) -> dict:
         shards = [batch.shard(r, self.world) for r in range(self.world)]
@@ -162,16 +173,24 @@ class GroupLearnerHandle:
     def checksums(self) -> list[str]:
         return self.group.run([("checksum",)] * self.world)
 
-    def save(self, directory: str) -> None:
-        self.group.run([("save", directory)] * self.world)
+    def save(self, directory: str) -> dict:
+        """Every rank uploads its files to `directory`; all ranks' manifest entries, merged."""
+        files = {}
+        for rank_files in self.group.run([("save", str(directory))] * self.world):
+            files.update(rank_files)
+        return files
 
     def mark_complete(self, directory: str) -> None:
         """Called once the checkpoint holding `directory` is published: restarts resume from it."""
         self._mark_restart_point(directory)
 
     def load(self, directory: str) -> None:
-        self.version = self.group.run([("load", directory)] * self.world)[0]
+        self.version = self.group.run([("load", str(directory))] * self.world)[0]
         self._mark_restart_point(directory)
+
+    def probe_storage(self, uri: str, name: str) -> list[str]:
+        """Every rank reads the driver's probe file: '' per rank that can."""
+        return self.group.run([("probe", uri, name)] * self.world)
 
     def shutdown(self) -> None:
         self.group.shutdown()
@@ -180,10 +199,10 @@ class GroupLearnerHandle:
 class _WorkerFactory:
     """Picklable `make_worker(rank, world)` for LearnerGroup; a restarted worker resumes from the restart file."""
 
-    def __init__(self, cfg, restart_file: str):
-        self.cfg, self.restart_file = cfg, restart_file
+    def __init__(self, cfg, run_uri: str):
+        self.cfg, self.run_uri = cfg, run_uri
 
     def __call__(self, rank: int, world_size: int) -> DistributedLearner:
-        f = Path(self.restart_file)
-        resume = f.read_text().strip() if f.is_file() else None
+        store = Storage(self.run_uri)
+        resume = store.read_bytes(RESTART_FILE).decode().strip() if store.exists(RESTART_FILE) else None
         return DistributedLearner(self.cfg, rank, world_size, resume)

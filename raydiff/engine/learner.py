@@ -7,14 +7,15 @@ name: it shuffles, cuts minibatches and hands them to `algorithm.train_step`.
 
 from __future__ import annotations
 
+import io
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
 from raydiff.algorithms.registry import make_algorithm
 from raydiff.engine.optim import TorchStepper
+from raydiff.engine.storage import Scratch, Storage
 from raydiff.sampling.policy import Policy
 from raydiff.models.loader import load_model
 from raydiff.models.lora import export_weights, load_trainable_state_dict, state_checksum, trainable_state_dict
@@ -86,20 +87,22 @@ class Learner:
         state = trainable_state_dict(self.model.denoiser)
         return {"version": self.version, "state": state, "checksum": state_checksum(state)}
 
-    def save(self, directory: str) -> None:
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        torch.save({
-            "weights": trainable_state_dict(self.model.denoiser),
-            "modules": {k: m.state_dict() for k, m in self.modules.items()},
-            "stepper": self.stepper.state_dict(),
-            "version": self.version,
-            "rng": self.rng.get_state(),
-        }, d / "learner.pt")
-        export_weights(self.model, d / "export")
+    def save(self, directory: str) -> dict:
+        """Write learner.pt and the diffusers export to node-local scratch, then upload them to
+        `directory` (a path or storage URI); returns the uploaded files for the checkpoint manifest."""
+        with Scratch("raydiff-learner-") as d:
+            torch.save({
+                "weights": trainable_state_dict(self.model.denoiser),
+                "modules": {k: m.state_dict() for k, m in self.modules.items()},
+                "stepper": self.stepper.state_dict(),
+                "version": self.version,
+                "rng": self.rng.get_state(),
+            }, d / "learner.pt")
+            export_weights(self.model, d / "export")
+            return Storage(directory).upload_dir(d, "")
 
     def load(self, directory: str) -> None:
-        state = torch.load(Path(directory) / "learner.pt", weights_only=False)
+        state = torch.load(io.BytesIO(Storage(directory).read_bytes("learner.pt")), weights_only=False)
         load_trainable_state_dict(self.model.denoiser, state["weights"])
         for k, m in self.modules.items():
             m.load_state_dict(state["modules"][k], strict=False)

@@ -179,6 +179,14 @@ def _save_and_report(worker, name: str) -> str:
     return reported[-1].checkpoint.path if reported else name
 
 
+def _train_storage(uri: str) -> dict:
+    """Ray Train's storage_path (+ storage_filesystem for URIs with query options such as an endpoint)."""
+    from raydiff.engine.storage import Storage
+
+    store = Storage(uri)
+    return {"storage_path": store.path()} if store.is_local else {"storage_path": store.path(), "storage_filesystem": store.fs}
+
+
 class LearnerGroup:
     """Driver-side handle: `start()`, `run(tasks) -> results`, `checkpoint(name)`, `shutdown()`.
 
@@ -192,7 +200,7 @@ class LearnerGroup:
                  name: str = "learner", max_failures: int = 0, task_timeout_s: Optional[float] = None):
         self.make_worker = make_worker
         self.cfg = learner_cfg
-        self.storage_path = os.path.abspath(storage_path)  # Ray Train needs an absolute path (or URI)
+        self.storage_path = storage_path  # a local path (made absolute) or a run-storage URI
         self.name = name
         self.max_failures = max_failures
         self.task_timeout_s = task_timeout_s
@@ -215,7 +223,7 @@ class LearnerGroup:
             train_loop_config={"coordinator": self.coordinator, "make_worker": self.make_worker,
                                "torch_threads": None if self.cfg.use_gpu else self.cfg.torch_threads},
             scaling_config=ScalingConfig(num_workers=self.num_workers, use_gpu=self.cfg.use_gpu, resources_per_worker=resources),
-            run_config=RunConfig(name=self.name, storage_path=self.storage_path,
+            run_config=RunConfig(name=self.name, **_train_storage(self.storage_path),
                                  failure_config=FailureConfig(max_failures=self.max_failures)),
         )
 

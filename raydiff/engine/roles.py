@@ -149,6 +149,12 @@ class RolloutGroup:
                 out.append(ray.get(a.weights_checksum.remote()))
         return out
 
+    def probe_storage(self, uri: str, name: str) -> list[str]:
+        """Every rollout worker reads the driver's probe file: '' per worker that can."""
+        from raydiff.engine.storage import read_probe
+
+        return ray.get([a.__ray_call__.remote(lambda _self, u, n: read_probe(u, n), uri, name) for a in self.actors])
+
     def shutdown(self) -> None:
         for a in self.actors:
             ray.kill(a, no_restart=True)
@@ -174,16 +180,21 @@ class LearnerHandle:
     def publish(self):
         return self.actor.publish.remote()
 
-    def save(self, directory: str) -> None:
-        ray.get(self.actor.save.remote(directory))
+    def save(self, directory: str) -> dict:
+        return ray.get(self.actor.save.remote(str(directory)))
 
     def load(self, directory: str) -> None:
-        ray.get(self.actor.load.remote(directory))
+        ray.get(self.actor.load.remote(str(directory)))
         self.version = ray.get(self.actor.__ray_call__.remote(lambda self: self.version))
 
     def checksums(self) -> list[str]:
         update = ray.get(self.publish())
         return [update["checksum"]]
+
+    def probe_storage(self, uri: str, name: str) -> list[str]:
+        from raydiff.engine.storage import read_probe
+
+        return [ray.get(self.actor.__ray_call__.remote(lambda _self, u, n: read_probe(u, n), uri, name))]
 
     def shutdown(self) -> None:
         ray.kill(self.actor, no_restart=True)

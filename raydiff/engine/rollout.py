@@ -23,7 +23,7 @@ import torch
 from raydiff.engine.cluster.plan import runtime_decode_chunk
 from raydiff.engine.scoring import ScoringJob, scoring_pool
 from raydiff.models.loader import load_model
-from raydiff.models.lora import state_checksum, trainable_state_dict
+from raydiff.models.lora import state_checksum
 from raydiff.models.lora_fuse import RolloutWeights
 from raydiff.sampling.conditioning import encode_prompts
 from raydiff.sampling.flow_sampler import draw_window
@@ -66,7 +66,7 @@ class RolloutWorker:
         self.weights = RolloutWeights(self.model.denoiser, fuse=cfg.rollout.fuse_lora)  # LoRA merged once per version
         self.rewards = build_reward_fn(cfg.reward)
         self.version = 0
-        self.checksum = state_checksum(trainable_state_dict(self.model.denoiser))
+        self.checksum = self._own_checksum()
         self.decode_chunk = runtime_decode_chunk(self.model, cfg.rollout.decode_chunk)
         self._pool = scoring_pool(cfg.rollout.max_scoring_in_flight)
         self._pending: dict[int, tuple] = {}
@@ -89,8 +89,12 @@ class RolloutWorker:
         self.version, self.checksum = version, checksum
         return True
 
+    def _own_checksum(self) -> str:
+        """Checksum of the trainable weights as held (CPU fp32: hashed in place, no copy)."""
+        return state_checksum({n: p.detach() for n, p in self.model.denoiser.named_parameters() if p.requires_grad})
+
     def weights_checksum(self) -> tuple[int, str]:
-        return self.version, state_checksum(trainable_state_dict(self.model.denoiser))
+        return self.version, self._own_checksum()
 
     def start(self, prompts: list[str], seed: int) -> int:
         """Sample one batch for `prompts` (noise seeded by `seed`), send its images to scoring; returns the key for `finish`."""

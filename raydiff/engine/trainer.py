@@ -28,6 +28,7 @@ from raydiff.engine.groups import EpochPlan, check_group_layout, plan_epoch
 from raydiff.engine.metrics import MetricsLogger
 from raydiff.engine.records import ExperienceWriter
 from raydiff.engine.roles import LearnerHandle, RolloutGroup
+from raydiff.engine.storage import Storage, check_reachable, join_uri, run_location
 from raydiff.prompts import load_prompts
 from raydiff.types import PromptBatch, Trajectory
 
@@ -75,7 +76,10 @@ def group_wise_components(reward_cfg) -> list[str]:
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self.run_dir = Path(cfg.run_dir).resolve()  # workers (Ray Train) run in other cwds
+        # Every durable artefact goes to run storage (a shared dir or a URI), resolved here on the
+        # driver: workers run in other working dirs, on other nodes. Local disk is scratch only.
+        self.storage = Storage(run_location(cfg))
+        self.run_dir = self.storage.locate("")
         self.prompts = load_prompts(cfg.prompts.source, cfg.prompts.column, cfg.prompts.limit)
         self.algorithm = make_algorithm(cfg.algorithm, cfg.sampling)
         self.gate = StalenessGate(cfg.train.max_staleness, cfg.train.stale_policy, cfg.train.stale_weight)
@@ -104,21 +108,35 @@ class Trainer:
         if cfg.learner.engine == "deepspeed":
             from raydiff.engine.distributed import GroupLearnerHandle
 
-            self.learner = GroupLearnerHandle(cfg, str(self.run_dir))
+            self.learner = GroupLearnerHandle(cfg, self.storage.uri)
         elif cfg.learner.num_workers != 1:
             raise ValueError(f"learner.num_workers={cfg.learner.num_workers} needs learner.engine=deepspeed (engine=torch is one process)")
         else:
             self.learner = LearnerHandle(cfg)
         # Sync algorithms sample inside the learner; rollout actors exist only for async ones.
         self.rollouts = RolloutGroup(cfg, self.algorithm.needs) if self.is_async else None
+        # Fail now, not at the first checkpoint, if some node cannot reach run storage.
+        readers = {"learner": self.learner.probe_storage}
+        if self.rollouts:
+            readers["rollout"] = self.rollouts.probe_storage
+        try:
+            check_reachable(self.storage, readers)
+        except BaseException:
+            if self.rollouts:
+                self.rollouts.shutdown()
+            self.learner.shutdown()
+            raise
 
     def _resume(self) -> None:
-        found = ckpt.resolve_resume(self.cfg.output.resume, self.run_dir)
+        found = ckpt.resolve_resume(self.cfg.output.resume, self.storage)
         if found is None:
             return
         state = ckpt.load_driver_state(found)
-        self.learner.load(str(found / "learner"))
+        self.learner.load(ckpt.learner_uri(found))
         self.algorithm.load_state_dict(state["algorithm"])
+        gate = state.get("gate", {})  # counters behind the policy/ metrics, so they continue
+        self.gate.histogram.update(gate.get("histogram", {}))
+        self.gate.dropped = gate.get("dropped", 0)
         self.start_epoch = state["epoch"] + 1
         log.info("resumed from %s at epoch %d", found, self.start_epoch)
 
@@ -145,7 +163,7 @@ class Trainer:
         return Trajectory.cat(batches)
 
     # --- loop --------------------------------------------------------------
-    def run(self) -> Path:
+    def run(self) -> Path | str:
         """Train; a reward app this run deployed is deleted however the run ends (done, error, Ctrl-C)."""
         try:
             return self._run()
@@ -153,14 +171,13 @@ class Trainer:
             if getattr(self, "reward_service", None) is not None:
                 self.reward_service.delete_owned_app()
 
-    def _run(self) -> Path:
+    def _run(self) -> Path | str:
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        self.storage.write_bytes("config.yaml", to_yaml(cfg).encode())
         self._start_roles()
         self._resume()
-        logger = MetricsLogger(self.run_dir, cfg.output.tensorboard, resume_step=self.start_epoch - 1 if self.start_epoch else None)
-        self.records = ExperienceWriter(self.run_dir, self.start_epoch, cfg.output.record_tensors) if (self.is_async and cfg.output.experience_records) else None
+        logger = MetricsLogger(self.storage, cfg.output.tensorboard, resume_step=self.start_epoch - 1 if self.start_epoch else None)
+        self.records = ExperienceWriter(self.storage, self.start_epoch, cfg.output.record_tensors) if (self.is_async and cfg.output.experience_records) else None
         if self.rollouts:
             self.rollouts.push_weights(self.learner.publish())
         bar = tqdm(range(self.start_epoch, cfg.train.num_epochs), desc="epochs", disable=not cfg.output.progress)
@@ -234,15 +251,18 @@ class Trainer:
             raise RuntimeError("weights diverged: " + "; ".join(problems))
         return 1
 
-    def save(self, epoch: int) -> Path:
-        def write(d: Path) -> None:
-            self.learner.save(str(d / "learner"))
-            ckpt.save_driver_state(d, {"epoch": epoch, "algorithm": self.algorithm.state_dict(), "version": self.learner.version})
-            (d / "config.yaml").write_text(to_yaml(self.cfg))
+    def save(self, epoch: int) -> Path | str:
+        """Learner ranks upload their shards, the driver its state; the manifest goes last (checkpoint.py)."""
+        def write(step: Storage) -> dict:
+            files = {f"learner/{k}": v for k, v in self.learner.save(join_uri(step.uri, "learner")).items()}
+            files.update(ckpt.save_driver_state(step, {"epoch": epoch, "algorithm": self.algorithm.state_dict(),
+                                                       "version": self.learner.version, "gate": {"histogram": dict(self.gate.histogram), "dropped": self.gate.dropped}}))
+            files.update(ckpt.write_file(step, "config.yaml", to_yaml(self.cfg).encode()))
+            return files
 
-        path = ckpt.save_checkpoint(self.run_dir, epoch, write)
+        path = ckpt.save_checkpoint(self.storage, epoch, write)
         if hasattr(self.learner, "mark_complete"):
-            self.learner.mark_complete(str(path / "learner"))
+            self.learner.mark_complete(ckpt.learner_uri(path))
         return path
 
     def _epoch_metrics(self, batch, train_metrics, staleness, t_wait, t_sync, t_epoch) -> dict:

@@ -53,14 +53,25 @@ def load_trainable_state_dict(net, state: dict[str, torch.Tensor]) -> None:
             params[n].copy_(t.to(params[n].device, params[n].dtype))
 
 
+_CANONICAL = {torch.bfloat16: torch.float32, torch.float16: torch.float32}
+
+
 def state_checksum(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over names, shapes, dtypes and bytes, in name order: equal iff the weights are bit-identical."""
+    """SHA-256 over names, shapes and values in a canonical dtype, in name order.
+
+    Half-precision floats (bf16, fp16) are hashed as the float32 they widen to exactly, so a
+    DeepSpeed bf16 learner and an fp32 rollout worker holding the same values (the worker
+    loaded the bf16 update) agree; equal iff the values are bit-identical after widening.
+    A float32 CPU tensor is hashed in place (no copy); a half one is widened once.
+    """
     h = hashlib.sha256()
     for n in sorted(state):
-        t = state[n].detach().cpu().contiguous()
+        t = state[n].detach()
+        t = t.to("cpu", _CANONICAL.get(t.dtype, t.dtype)).contiguous()
         h.update(n.encode())
         h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy().data)  # the buffer itself: no bytes() copy
     return h.hexdigest()
 
 
