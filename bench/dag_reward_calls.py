@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
     N, T = x0.shape[:2]
     chunk = args.decode_chunk or N * T
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     rewards = ensure_reward_service([(args.reward, 1.0)], app_name="bench-dag-rewards")
     flat_prompts = [p for p in prompts for _ in range(T)]
     pool = ThreadPoolExecutor(max_workers=max(T, 2))

@@ -212,7 +212,7 @@ def main(argv=None) -> dict:
     ovr = overrides(args, model_path)
     import ray
 
-    ray.init(num_cpus=max(4, 2 * args.threads), num_gpus=1 if args.device == "cuda" else 0,
+    ray.init(address="local", num_cpus=max(4, 2 * args.threads), num_gpus=1 if args.device == "cuda" else 0,
              include_dashboard=False, log_to_driver=False)
     engine, single = [], []
     for rep in range(args.repeats):

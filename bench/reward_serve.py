@@ -126,7 +126,7 @@ def main(argv=None) -> dict:
         clip_path = build_clip_b16()
     else:
         clip_path = "tiny://clip"
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     apps = {}

@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     result = {"machine": machine(), "rollout_workers": args.workers}
     for mode in args.modes.split(","):
         m = measure(mode, args)
