@@ -1,6 +1,6 @@
 """End-to-end DDPO samples/s (rollout + reward + learning): raydiff's engine vs a single-process loop.
 
-    python bench/e2e.py [--epochs 4] [--repeats 3] [--batch 8] [--batches-per-epoch 2] [--threads 2]
+    python bench/e2e.py [--epochs 4] [--repeats 3] [--batch 8] [--batches-per-epoch 2] [--threads 1]
     python bench/e2e.py --sd15-shapes --device cuda --steps 50 --batch 16   # real SD1.5 shapes, random weights (GPU)
 
 The baseline is what a user would write instead, in the style of ddpo-pytorch's `scripts/train.py`:
@@ -74,7 +74,7 @@ def run_engine(ovr: list[str]) -> dict:
               ("time/epoch_s", "time/rollout_wait_s", "time/sample_s", "time/reward_s", "time/learner_step_s",
                "time/learner_prepare_s", "time/sync_s")}
     return {"samples_per_s": per_epoch * (len(rows) - 1) / wall, "wall": wall, "phases": phases,
-            "reward": [r["reward/mean"] for r in rows]}
+            "reward": [r["reward/mean"] for r in rows], "t": [r["time"] - rows[0]["time"] for r in rows]}
 
 
 # --- the single-process baseline (ddpo-pytorch style) --------------------------------------
@@ -155,7 +155,8 @@ def run_single(ovr: list[str]) -> dict:
         ends.append(time.time())
     wall = ends[-1] - ends[0]
     per_epoch = s.batch_size * tr.batches_per_epoch
-    return {"samples_per_s": per_epoch * (tr.num_epochs - 1) / wall, "wall": wall, "reward": rewards}
+    return {"samples_per_s": per_epoch * (tr.num_epochs - 1) / wall, "wall": wall, "reward": rewards,
+            "t": [t - ends[0] for t in ends]}
 
 
 # --- real SD1.5 shapes ----------------------------------------------------------------------
@@ -201,9 +202,10 @@ def main(argv=None) -> dict:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--epochs", type=int, default=4, help="epochs per run; epoch 0 is the untimed warm-up")
     p.add_argument("--repeats", type=int, default=3, help="runs per side, interleaved")
-    p.add_argument("--threads", type=int, default=2, help="torch threads: the baseline's, and each raydiff role's")
+    p.add_argument("--threads", type=int, default=1, help="torch threads: the baseline's, and each raydiff role's")
     p.add_argument("--device", default="cpu")
     p.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for both sides")
+    p.add_argument("--plot", default=None, help="write reward vs wall-clock (from the end of epoch 0) of every run here (PNG)")
     args = p.parse_args(argv)
     args.device = pick_device(args.device)
     if args.epochs < 2:
@@ -236,6 +238,15 @@ def main(argv=None) -> dict:
     }
     for k, v in result.items():
         print(f"  {k}: {v}")
+    if args.plot:
+        from _plot import line_plot
+
+        series = {f"{name} #{i}": (r["t"], r["reward"]) for name, runs in (("raydiff", engine), ("single-process", single))
+                  for i, r in enumerate(runs)}
+        line_plot(series, args.plot, f"DDPO reward vs wall-clock, {args.batch * args.batches_per_epoch} samples/epoch",
+                  "wall-clock since the end of epoch 0 [s]", "reward/mean")
+        result["plot"] = args.plot
+    print(f"  plot: {args.plot}")
     print(f"RATIO e2e_vs_single_process {ratio:.3f}")
     return {**result, "ratio": ratio}
 

@@ -23,7 +23,9 @@ from run_all import BENCHES  # noqa: E402
 @pytest.mark.parametrize("name", sorted(BENCHES))
 def test_bench_quick_mode_runs(name, tmp_path):
     quick = BENCHES[name][1]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_ADDRESS="", RAYDIFF_CACHE=os.environ.get("RAYDIFF_CACHE", ""))
+    # A loaded CI machine can take more than Ray's default 10 s to register the raylet.
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_ADDRESS="", RAY_raylet_start_wait_time_s="120",
+               RAYDIFF_CACHE=os.environ.get("RAYDIFF_CACHE", ""))
     if not env["RAYDIFF_CACHE"]:
         env.pop("RAYDIFF_CACHE")
     proc = subprocess.run([sys.executable, *quick], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
