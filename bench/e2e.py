@@ -103,8 +103,9 @@ def run_single(ovr: list[str]) -> dict:
     reward_fn = WeightedRewards([(make_reward(c.registry_name, **c.args), c.weight) for c in cfg.reward.components])
     prompts_all = load_prompts(cfg.prompts.source, cfg.prompts.column, cfg.prompts.limit)
     sched, rng = model.scheduler, torch.Generator().manual_seed(tr.seed * 1009)
-    ends, rewards = [], []
+    ends, rewards, t_sample, t_learn = [], [], [], []
     for epoch in range(tr.num_epochs):
+        t0 = time.perf_counter()
         # sampling: a batch with per-step log-probs (ddpo-pytorch: pipeline_with_logprob)
         model.unet.eval()
         samples = []
@@ -132,6 +133,7 @@ def run_single(ovr: list[str]) -> dict:
                                 neg_embeds=torch.cat([b["cond"].neg_embeds for b in samples]))
         latents, old_lp, r = cat("latents"), cat("log_probs"), cat("rewards")
         rewards.append(float(r.mean()))
+        t1 = time.perf_counter()
         adv = ((r - r.mean()) / (r.std(unbiased=False) + 1e-6)).clamp(-a.adv_clip_max, a.adv_clip_max).to(model.device)
         # training: shuffled minibatches, all T steps accumulated into one optimiser step each
         model.unet.train()
@@ -153,9 +155,12 @@ def run_single(ovr: list[str]) -> dict:
         if dev == "cuda":
             torch.cuda.synchronize()
         ends.append(time.time())
+        t_sample.append(t1 - t0)
+        t_learn.append(time.perf_counter() - t1)
     wall = ends[-1] - ends[0]
     per_epoch = s.batch_size * tr.batches_per_epoch
-    return {"samples_per_s": per_epoch * (tr.num_epochs - 1) / wall, "wall": wall, "reward": rewards,
+    phases = {"time/sample_and_score_s": statistics.fmean(t_sample[1:]), "time/learn_s": statistics.fmean(t_learn[1:])}
+    return {"samples_per_s": per_epoch * (tr.num_epochs - 1) / wall, "wall": wall, "reward": rewards, "phases": phases,
             "t": [t - ends[0] for t in ends]}
 
 
