@@ -28,6 +28,7 @@ def main(argv=None) -> dict:
     p = model_flags(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), steps=6, batch=4)
     p.add_argument("--reward", default="brightness", help="served reward (brightness, clip_score, ...)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1, help="torch threads of this process (sampling, VAE decode)")
     p.add_argument("--decode-chunk", type=int, default=None, help="latents per VAE call on the engine side (default N×T)")
     args = p.parse_args(argv)
     import numpy as np
@@ -40,6 +41,7 @@ def main(argv=None) -> dict:
     from raydiff.sampling.conditioning import encode_prompts
     from raydiff.sampling.sampler import decode_images, sample
 
+    torch.set_num_threads(args.threads)
     dev = device(args.device)
     model = load_model(ModelSection(path=args.model, resolution=args.resolution), dev)
     prompts = [f"a photo of animal {i}" for i in range(args.batch)]

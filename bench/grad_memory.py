@@ -33,6 +33,7 @@ def run_case(args) -> dict:
     from raydiff.sampling.conditioning import encode_prompts
     from raydiff.sampling.differentiable import decode_with_grad, last_k, sample_with_grad
 
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     overrides = [f"model.path={args.model}"] + ([f"model.resolution={args.resolution}"] if args.resolution else [])
@@ -125,6 +126,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--resolution", type=int, default=256, help="image side; larger makes activations dominate")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (more than the free cores stalls OpenMP on a loaded machine)")
     ap.add_argument("--case", nargs=2, metavar=("K", "CKPT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.case:
@@ -135,7 +137,7 @@ def main(argv=None) -> None:
     for k in ("1", "all"):
         for ckpt in (False, True):
             cmd = [sys.executable, __file__, "--model", args.model, "--steps", str(args.steps), "--batch", str(args.batch),
-                   "--resolution", str(args.resolution), "--repeats", str(args.repeats), "--case", k, "1" if ckpt else "0"]
+                   "--resolution", str(args.resolution), "--repeats", str(args.repeats), "--threads", str(args.threads), "--case", k, "1" if ckpt else "0"]
             out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TRANSFORMERS_VERBOSITY="error"))
             if out.returncode:
                 sys.exit(f"case K={k} checkpointing={ckpt} failed:\n{out.stderr[-3000:]}")
