@@ -41,7 +41,7 @@ async def _http_load(url: str, name: str, body: dict, clients: int, seconds: flo
 
     done, errors, batch = 0, 0, []
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits)  # a loaded CPU scorer: long queues as http:
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:  # a loaded CPU scorer queues long
         stop = time.perf_counter() + seconds
 
         async def worker():
