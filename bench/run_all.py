@@ -30,7 +30,7 @@ BENCHES = {  # name: (argv, quick argv (CI smoke: tiny sizes, one repeat), what 
     "rollout_vs_diffusers": (["bench/rollout_vs_diffusers.py", "--steps", "6", "--batch", "4", "--threads", "1"],
                              ["bench/rollout_vs_diffusers.py", "--steps", "2", "--batch", "1", "--threads", "1", "--repeats", "1"],
                              "images/s ours (with log-probs) / plain diffusers pipeline", "≥ 1.0"),
-    "reward_serve": (["bench/reward_serve.py", "--seconds", "20", "--clients", "16", "--batch", "8", "--repeats", "2"],
+    "reward_serve": (["bench/reward_serve.py", "--seconds", "15", "--clients", "16", "--batch", "8", "--repeats", "2"],
                      ["bench/reward_serve.py", "--clip", "tiny", "--seconds", "1", "--warmup", "0.5", "--clients", "4", "--batch", "2", "--repeats", "1"],
                      "req/s: batched / max_batch_size=1 (HTTP, handle); handle / HTTP; Serve handle / same scorer in-process", "batched ≥ 5× unbatched (GPU); Serve ≥ 0.9× in-process"),
     "async_vs_sync": (["bench/async_vs_sync.py", "--epochs", "12", "--repeats", "2"],
