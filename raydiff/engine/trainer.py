@@ -186,7 +186,10 @@ class Trainer:
         t_sync = time.perf_counter()
         swaps = self.rollouts.push_weights(self.learner.publish())
         if S == 0:  # publish -> every rollout worker swapped; the next batch waits for it anyway
-            ray.get(swaps)
+            try:
+                ray.get(swaps)
+            except ray.exceptions.RayActorError:  # a lost worker gets the latest weights when its batch is re-issued
+                pass
         t_sync = time.perf_counter() - t_sync  # S > 0: publish + enqueue (the swap waits behind batches in flight)
         metrics = self._epoch_metrics(batch, train_metrics, staleness, t_wait, t_sync, time.perf_counter() - t0)
         if self.records:
