@@ -50,3 +50,10 @@ def report(name: str, result: dict, as_json: bool) -> None:
     print(f"RATIO {name} {result['ratio']:.3f}")
     if as_json:
         print("JSON " + json.dumps({"bench": name, **result}))
+
+
+def spread(xs: list[float], unit: str = "") -> str:
+    """median (min, max, n) of repeated measurements: how far one run can be trusted."""
+    import statistics
+
+    return f"median {statistics.median(xs):.3f}{unit} (min {min(xs):.3f}, max {max(xs):.3f}, n={len(xs)})"

@@ -1,9 +1,11 @@
 """Run every CPU benchmark with small settings and write docs/benchmarks.md.
 
-    python bench/run_all.py [--out docs/benchmarks.md] [--only rollout_vs_diffusers,...]
+    python bench/run_all.py [--out docs/benchmarks.md] [--only e2e,rollout_vs_diffusers,...] [--quick]
 
 Each bench runs in its own process (its own Ray cluster) and prints `RATIO <name> <value>`;
 this collects those lines, the machine, and the exact commands into one Markdown table.
+`--quick` runs every bench at tiny sizes (tests/test_bench_smoke.py: benches must not rot).
+Exit status 1 if any bench failed or timed out.
 """
 
 from __future__ import annotations
@@ -20,17 +22,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHES = {  # name: (argv, what the ratio means, goal)
+KEEP = "<!-- hand-written below: kept by bench/run_all.py -->"
+BENCHES = {  # name: (argv, quick argv (CI smoke: tiny sizes, one repeat), what the ratio means, goal)
+    "e2e": (["bench/e2e.py", "--epochs", "4", "--repeats", "3", "--threads", "1", "--plot", "docs/e2e_reward_vs_wallclock.png"],
+            ["bench/e2e.py", "--epochs", "2", "--repeats", "1", "--steps", "2", "--batch", "2", "--batches-per-epoch", "1", "--threads", "1"],
+            "end-to-end DDPO samples/s (rollout + reward + learn), raydiff on local Ray / single-process loop, equal threads", "≥ 1.0"),
     "rollout_vs_diffusers": (["bench/rollout_vs_diffusers.py", "--steps", "6", "--batch", "4", "--threads", "1"],
+                             ["bench/rollout_vs_diffusers.py", "--steps", "2", "--batch", "1", "--threads", "1", "--repeats", "1"],
                              "images/s ours (with log-probs) / plain diffusers pipeline", "≥ 1.0"),
-    "reward_serve": (["bench/reward_serve.py", "--seconds", "8", "--clients", "32"],
-                     "see its output (batched vs unbatched QPS, HTTP vs handles)", "batched ≥ 5× unbatched"),
+    "reward_serve": (["bench/reward_serve.py", "--seconds", "15", "--clients", "16", "--batch", "8", "--repeats", "2"],
+                     ["bench/reward_serve.py", "--clip", "tiny", "--seconds", "1", "--warmup", "0.5", "--clients", "4", "--batch", "2", "--repeats", "1"],
+                     "req/s: batched / max_batch_size=1 (HTTP, handle); handle / HTTP; Serve handle / same scorer in-process", "batched ≥ 5× unbatched (GPU); Serve ≥ 0.9× in-process"),
     "async_vs_sync": (["bench/async_vs_sync.py", "--epochs", "12", "--repeats", "2"],
+                      ["bench/async_vs_sync.py", "--epochs", "3", "--repeats", "1", "--steps", "2", "--batch", "2", "--plot", "/tmp/raydiff-bench-quick-async.png"],
                       "wall-clock sync (staleness 0) / async (staleness 2): to equal updates, and to the sync runs' final reward", "≥ 1.5 on 2 CPU cores"),
-    "weight_sync": (["bench/weight_sync.py", "--workers", "2", "--repeats", "2"],
-                    "LoRA weight sync (push + checksum round trip) / learner step", "≤ 0.02"),
-    "dag_reward_calls": (["bench/dag_reward_calls.py", "--steps", "6", "--batch", "4"],
-                         "served reward time, one call per step / one batched call", "> 1"),
+    "weight_sync": (["bench/weight_sync.py", "--workers", "2", "--repeats", "5"],
+                    ["bench/weight_sync.py", "--workers", "1", "--repeats", "1", "--steps", "2", "--batch", "2", "--modes", "lora"],
+                    "publish → every rollout worker swapped / learner step (LoRA; full fine-tune in the output)", "≤ 0.02"),
+    "dag_reward_calls": (["bench/dag_reward_calls.py", "--steps", "6", "--batch", "4", "--repeats", "5"],
+                         ["bench/dag_reward_calls.py", "--steps", "2", "--batch", "2", "--repeats", "1"],
+                         "decode + score of every step's x̂_0: concurrent per-step calls / the engine's chunked calls", "≥ 1.0"),
+    "grad_memory": (["bench/grad_memory.py", "--steps", "6", "--batch", "2", "--resolution", "128", "--repeats", "2"],
+                    ["bench/grad_memory.py", "--steps", "2", "--batch", "1", "--resolution", "64", "--repeats", "1"],
+                    "peak memory of one K=all differentiable update, checkpointing off / on (each case its own process)", "> 1"),
 }
 
 
@@ -43,12 +57,11 @@ def run(name: str, argv: list[str], timeout: float) -> tuple[str, float, str]:
         out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         out += f"\nTIMEOUT after {timeout}s"
     ratios = re.findall(r"^RATIO (\S+) (\S+)$", out, re.M)
-    # bench/reward_serve.py predates the RATIO convention: read its printed ratios.
-    ratios += [(f"batched/unbatched_{k}", v) for k, v in re.findall(r"batched / max_batch_size=1 \((\w+)\)\s*: ([\d.]+)x", out)]
-    ratios += [("handle/http", v) for v in re.findall(r"handle / HTTP \(batched\)\s*: ([\d.]+)x", out)]
     value = "; ".join(f"{n} {float(v):.3f}" for n, v in ratios) or ("timeout" if "TIMEOUT" in out else "failed")
-    details = "\n".join(line for line in out.splitlines() if line.startswith("  ") or line.startswith("RATIO")
-                        or "req/s" in line or line.startswith("reward="))
+    keep = ("  ", "RATIO", "K=", "checkpointing=", "reward=", "steps=")
+    details = "\n".join(line for line in out.splitlines() if line.startswith(keep) and "Warning" not in line)
+    if value == "failed":
+        details += "\n" + out[-3000:]
     return value, time.perf_counter() - t0, details
 
 
@@ -56,15 +69,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--only", default=",".join(BENCHES))
-    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: checks every bench still runs (CI), figures meaningless")
     args = p.parse_args(argv)
     m = machine()
-    rows, sections = [], []
+    rows, sections, failed = [], [], []
     for name in args.only.split(","):
-        argv_, meaning, goal = BENCHES[name]
+        full, quick, meaning, goal = BENCHES[name]
+        argv_ = quick if args.quick else full
         print(f"== {name}", flush=True)
         value, wall, details = run(name, argv_, args.timeout)
         print(details or value, flush=True)
+        if value in ("failed", "timeout"):
+            failed.append(name)
         cmd = "python " + " ".join(argv_)
         rows.append(f"| {name} | `{cmd}` | {value} | {meaning} | {goal} | {wall:.0f} |")
         sections.append(f"### {name}\n\n```\n$ {cmd}\n{details}\n```\n")
@@ -77,9 +94,12 @@ def main(argv=None) -> int:
         "| bench | command | ratio | meaning | goal | wall s |", "|---|---|---|---|---|---|", *rows, "",
         "## Outputs", "", *sections,
     ])
-    Path(args.out).write_text(text)
-    print(f"wrote {args.out}")
-    return 0
+    out = Path(args.out)
+    if out.is_file() and KEEP in out.read_text():  # hand-written notes below the marker survive regeneration
+        text += "\n" + KEEP + out.read_text().split(KEEP, 1)[1]
+    out.write_text(text)
+    print(f"wrote {args.out}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -130,11 +130,10 @@ class RolloutGroup:
                     raise
         raise AssertionError("unreachable")
 
-    def push_weights(self, update_ref) -> None:
-        """Queue the update on every actor behind its current batches (actor tasks run in order)."""
+    def push_weights(self, update_ref) -> list:
+        """Queue the update on every actor behind its current batches (actor tasks run in order); refs of the swaps."""
         self.latest_update = update_ref
-        for a in self.actors:
-            a.set_weights.remote(update_ref)
+        return [a.set_weights.remote(update_ref) for a in self.actors]
 
     def checksums(self) -> list[tuple[int, str]]:
         """(version, checksum) per worker after its queued updates; a restarted worker gets the latest update first."""

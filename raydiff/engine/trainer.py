@@ -215,8 +215,13 @@ class Trainer:
         batch = self.algorithm.prepare(batch)
         train_metrics = self.learner.train(batch)
         t_sync = time.perf_counter()
-        self.rollouts.push_weights(self.learner.publish())
-        t_sync = time.perf_counter() - t_sync
+        swaps = self.rollouts.push_weights(self.learner.publish())
+        if S == 0:  # publish -> every rollout worker swapped; the next batch waits for it anyway
+            try:
+                ray.get(swaps)
+            except ray.exceptions.RayActorError:  # a lost worker gets the latest weights when its batch is re-issued
+                pass
+        t_sync = time.perf_counter() - t_sync  # S > 0: publish + enqueue (the swap waits behind batches in flight)
         metrics = self._epoch_metrics(batch, train_metrics, staleness, t_wait, t_sync, time.perf_counter() - t0)
         if self.records:
             self.records.write(epoch, batch, self.learner.version - 1, {"rollout_wait_s": t_wait, "learner_step_s": train_metrics.get("time/learner_step_s", 0.0), "sync_s": t_sync})
