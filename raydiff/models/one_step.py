@@ -77,7 +77,7 @@ class OneStepPipeline:
         if unet_dir is not None:
             d = Path(unet_dir)
             d = d / "unet" if (d / "unet" / "config.json").is_file() else d
-            model.unet = UNet2DConditionModel.from_pretrained(str(d), dtype=model.dtype).to(model.device).requires_grad_(False)
+            model.denoiser = UNet2DConditionModel.from_pretrained(str(d), dtype=model.dtype).to(model.device).requires_grad_(False)
         if lora_dir is not None:
             _load_lora(model, lora_dir)
         model.unet.eval()
