@@ -418,4 +418,6 @@ def _describe(tasks: list) -> str:
         return repr(t[0])
     if isinstance(t, dict):
         return repr(t.get("op", sorted(t)[:1]))
+    if isinstance(t, str):
+        return repr(t[:40])
     return type(t).__name__

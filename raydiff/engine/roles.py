@@ -19,6 +19,7 @@ from raydiff.engine.rollout import RolloutWorker
 from raydiff.types import Trajectory
 
 log = logging.getLogger("raydiff.roles")
+RESTART_GRACE_S = 30.0  # how long a re-issue waits for a restarting worker before using another one
 
 
 class RolloutFailed(RuntimeError):
@@ -66,7 +67,8 @@ class RolloutGroup:
     error or CUDA OOM, a dead or restarting actor, ObjectLostError after a node loss,
     OwnerDiedError) or a fetch past `rollout.task_timeout_s` (the worker is then restarted)
     re-issues that batch, with the latest weights, on its worker once it is back, else on
-    another live one; after `rollout.max_batch_retries` re-issues the run stops with
+    another live one (a worker that does not come back is marked down and its share of each
+    epoch goes to live workers until it answers again); after `rollout.max_batch_retries` re-issues the run stops with
     RolloutFailed naming the batch and the last error. Every weight update's answer is checked.
     """
 
@@ -95,7 +97,26 @@ class RolloutGroup:
         self.lag = r.max_scoring_in_flight - 1 if r.overlap_scoring else 0
         self.latest_update = None
         self.acks: list[tuple[int, object]] = []  # (worker, ref of set_weights' answer) not yet checked
+        self.down: dict[int, object] = {}  # worker -> pending `ready` probe: not answering, its batches go elsewhere
         self.reissued = 0
+
+    def _live(self, worker: int) -> int:
+        """`worker`, or a live stand-in while it is down (its node lost, its restart not placed yet).
+        Sampling depends on the request's seed and the weights, not on the worker, so any worker will do."""
+        for i in list(self.down):  # a down worker is back once its probe answers
+            done, _ = ray.wait([self.down[i]], timeout=0)
+            if done:
+                try:
+                    ray.get(done[0])
+                    del self.down[i]
+                    if self.latest_update is not None:
+                        self.acks.append((i, self.actors[i].set_weights.remote(self.latest_update, True)))
+                except RayError:
+                    self.down[i] = self.actors[i].ready.remote()
+        if worker not in self.down:
+            return worker
+        live = [i for i in range(len(self.actors)) if i not in self.down]
+        return live[worker % len(live)] if live else worker
 
     def dispatch(self, epoch: int, requests: list[tuple[int, list[str], int]]) -> None:
         """Queue `start` for every request; `finish` of a worker's batch follows `lag` starts later (overlap)."""
@@ -103,7 +124,7 @@ class RolloutGroup:
             return
         self.pending[epoch] = entries = []
         for req in requests:
-            worker = req[0]
+            worker = self._live(req[0])
             entries.append([req, None])
             self.unfinished[worker].append((epoch, len(entries) - 1, self.actors[worker].start.remote(req[1], req[2])))
             while len(self.unfinished[worker]) > self.lag:
@@ -135,7 +156,7 @@ class RolloutGroup:
             except GetTimeoutError as e:
                 last = e
                 log.warning("rollout worker %d: no batch within rollout.task_timeout_s=%g s; restarting it", req[0], self.timeout_s)
-                ray.kill(self.actors[req[0]], no_restart=False)
+                ray.kill(self.actors[self._live(req[0])], no_restart=False)
             except RayError as e:
                 last = e
                 log.warning("rollout worker %d: batch failed (%s); re-issuing it (%d/%d)", req[0], _cause_text(e), attempt + 1, self.max_retries)
@@ -147,11 +168,16 @@ class RolloutGroup:
     def _reissue(self, req):
         """Queue `req` again, with the latest weights, on its worker once alive, else on another live one."""
         worker, prompts, seed = req
-        order = [worker] + [i for i in range(len(self.actors)) if i != worker]
+        # Its own worker if it is back within a short grace (a restart on a live node takes seconds),
+        # else any live one; a worker that does not answer is marked down until its probe answers.
+        others = [i for i in range(len(self.actors)) if i != worker and i not in self.down]
+        order = others + [worker] if worker in self.down else [worker] + others
         for i in order:
             actor = self.actors[i]
-            if not _wait_alive(actor, self.timeout_s if i == worker else 5.0):
+            if not _wait_alive(actor, min(self.timeout_s, RESTART_GRACE_S)):
+                self.down[i] = actor.ready.remote()
                 continue
+            self.down.pop(i, None)
             if self.latest_update is not None:
                 ok = ray.get(actor.set_weights.remote(self.latest_update, True), timeout=self.timeout_s)
                 if not ok:
@@ -196,16 +222,23 @@ class RolloutGroup:
             while self.unfinished[worker]:
                 self._issue_finish(worker)
 
-    def checksums(self) -> list[tuple[int, str]]:
-        """(version, checksum) per worker after its queued updates; a restarted worker gets the latest update first."""
+    def checksums(self) -> list[tuple[int, str] | None]:
+        """(version, checksum) per worker after its queued updates; a restarted worker gets the latest update
+        first; None for a worker that is down (not answering within the restart grace)."""
         out = []
-        for a in self.actors:
+        for i, a in enumerate(self.actors):
+            if i in self.down:
+                out.append(None)
+                continue
             try:
                 out.append(ray.get(a.weights_checksum.remote(), timeout=self.timeout_s))
-            except RayActorError:
-                _wait_alive(a, self.timeout_s)
+            except (RayActorError, GetTimeoutError):
+                if not _wait_alive(a, min(self.timeout_s, RESTART_GRACE_S)):
+                    self.down[i] = a.ready.remote()
+                    out.append(None)
+                    continue
                 if self.latest_update is not None:
-                    ray.get(a.set_weights.remote(self.latest_update), timeout=self.timeout_s)
+                    ray.get(a.set_weights.remote(self.latest_update, True), timeout=self.timeout_s)
                 out.append(ray.get(a.weights_checksum.remote(), timeout=self.timeout_s))
         return out
 

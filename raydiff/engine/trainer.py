@@ -260,7 +260,10 @@ class Trainer:
             if c != expected:
                 problems.append(f"learner rank {rank} differs")
         if self.rollouts:
-            for i, (version, c) in enumerate(self.rollouts.checksums()):
+            for i, got in enumerate(self.rollouts.checksums()):
+                if got is None:  # down (node lost): it is given the latest weights before it samples again
+                    continue
+                version, c = got
                 if c != expected:
                     problems.append(f"rollout worker {i} (v{version}) differs")
         if problems:
@@ -295,6 +298,7 @@ class Trainer:
             "reward/round_trips": batch.timings.get("reward_calls", 0),  # reward-service calls made for this epoch's batches
             "throughput/samples_per_s": len(batch) / max(t_epoch, 1e-9),
             "data/bytes_per_epoch": trajectory_bytes(batch),  # what the learner ranks received for this epoch
+            "data/samples_per_epoch": len(batch),
         })
         return m
 

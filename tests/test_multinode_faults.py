@@ -1,0 +1,131 @@
+"""Node failures on a real multi-node Ray cluster on one machine (issue #14, "Must show").
+
+One cluster for the module: a head with no work resources (the driver's node) and worker raylets,
+each `ray start --address=...` with its own --temp-dir: two rollout nodes ({rollout: 1} each) and a
+learner node ({learner: 2}). Roles are pinned by those resources, so each runs on its own node. Tiny
+async DDPO at S = 0 (every batch sampled with the latest weights), local-disk storage (one machine).
+
+- Stop the node running rollout worker 0 mid-run: its batches go to the live worker, every epoch's
+  batch is full, the run completes.
+- Stop the learner node mid-run and start a replacement: Ray Train restarts the group there, the ranks
+  restore the run's restart point, the driver rewinds its version to it, the run completes.
+- S = 0, so neither fault may change the result: both runs end on bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _multinode import REPO, MultiNodeCluster  # noqa: E402
+from _private_head import stop_group  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 5
+OVERRIDES = [
+    "rollout.num_workers=2", "rollout.resources={rollout: 1}", "rollout.placement_strategy=SPREAD",
+    "rollout.max_restarts=2", "rollout.task_timeout_s=120", "learner.num_workers=2", "learner.resources={learner: 1}",
+    "learner.max_failures=2", "learner.start_timeout_s=300", f"train.num_epochs={EPOCHS}", "train.batches_per_epoch=1",
+    "train.max_staleness=0", "sampling.batch_size=2", "sampling.num_steps=3", "algorithm.train_batch_size=4",
+    "output.checkpoint_every=1", "output.progress=false", "output.tensorboard=false", "output.image_grid_every=0",
+    "output.experience_records=false", "train.verify_weights_every=1",
+]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with MultiNodeCluster(name="rdfm") as c:
+        c.rollout_nodes = [c.add_node(num_cpus=1, resources={"rollout": 1}) for _ in range(2)]
+        c.learner_node = c.add_node(num_cpus=2, resources={"learner": 2})
+        yield c
+
+
+def _start(cluster, out: Path):
+    args = [sys.executable, str(REPO / "tests" / "_fault_driver.py"), str(out), "configs/tiny_ddpo_async.yaml",
+            f"output.run_dir={out / 'run'}", *OVERRIDES]
+    return cluster.popen(args, str(out / "driver.log"))
+
+
+def _wait_roles(proc, out: Path, timeout_s: float = 600) -> dict:
+    deadline = time.time() + timeout_s
+    while not (out / "roles.json").is_file():
+        assert proc.poll() is None, (out / "driver.log").read_text()[-5000:]
+        assert time.time() < deadline, "no epoch logged in time"
+        time.sleep(0.5)
+    return json.loads((out / "roles.json").read_text())
+
+
+def _finish(proc, out: Path, timeout_s: float = 900) -> dict:
+    try:
+        proc.wait(timeout=timeout_s)
+    finally:
+        stop_group(proc)
+    assert proc.returncode == 0, (out / "driver.log").read_text()[-8000:]
+    return json.loads((out / "result.json").read_text())
+
+
+def _node_of(cluster, node_id):
+    return next(n for n in cluster.nodes if n.node_id == node_id)
+
+
+@pytest.fixture(scope="module")
+def rollout_node_lost(cluster, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rollout_lost")
+    proc = _start(cluster, out)
+    try:
+        roles = _wait_roles(proc, out)
+        victim = _node_of(cluster, roles["rollout"][0])
+        stop_group(victim.proc)  # the node, by its process group: raylet and every worker on it
+        cluster.nodes.remove(victim)
+        return roles, _finish(proc, out)
+    finally:
+        if proc.poll() is None:
+            stop_group(proc)
+
+
+def test_each_role_runs_on_its_own_node(cluster, rollout_node_lost):
+    roles, _ = rollout_node_lost
+    rollout_ids = {n.node_id for n in cluster.rollout_nodes}
+    assert set(roles["rollout"]) == rollout_ids and len(set(roles["rollout"])) == 2  # one worker per rollout node
+    assert set(roles["learner"]) == {cluster.learner_node.node_id}  # both ranks on the learner node
+    head = cluster.nodes[0].node_id
+    assert roles["driver"] == head and head not in rollout_ids | set(roles["learner"])
+
+
+def test_lost_rollout_node_every_batch_full(rollout_node_lost):
+    _, result = rollout_node_lost
+    rows = result["rows"]
+    assert [r["step"] for r in rows] == list(range(EPOCHS))
+    assert all(r["data/samples_per_epoch"] == 4 for r in rows)  # 2 workers x batch 2, every epoch
+    assert all(r["policy/weights_consistent"] == 1 for r in rows)
+    assert result["reissued"] >= 1 or rows[-1]["policy/reissued_batches"] >= 1
+
+
+def test_lost_learner_node_restarts_on_a_replacement_and_rewinds(cluster, rollout_node_lost, tmp_path):
+    # The rollout node stopped above stays gone: give rollout worker 0 a node again, so this run starts like the first.
+    cluster.rollout_nodes = [n for n in cluster.nodes if n.resources.get("rollout")] + [cluster.add_node(num_cpus=1, resources={"rollout": 1})]
+    out = tmp_path / "learner_lost"
+    proc = _start(cluster, out)
+    try:
+        _wait_roles(proc, out)
+        rows_before = (out / "run" / "metrics.jsonl").read_text().count("\n")
+        stop_group(cluster.learner_node.proc)
+        cluster.nodes.remove(cluster.learner_node)
+        cluster.learner_node = cluster.add_node(num_cpus=2, resources={"learner": 2})  # the replacement
+        result = _finish(proc, out)
+    finally:
+        if proc.poll() is None:
+            stop_group(proc)
+    assert result["learner_restarts"] == 1 and len(result["rewinds"]) == 1, result
+    rows = result["rows"]
+    assert rows_before >= 1 and sorted({r["step"] for r in rows}) == list(range(EPOCHS))
+    assert all(r["policy/version"] == r["step"] + 1 for r in rows)  # the driver's version was reset, then counted on
+    assert all(r["policy/weights_consistent"] == 1 for r in rows) and rows[-1]["policy/learner_restarts"] == 1
+    # S = 0: the run that lost its learner node ends where the one that lost a rollout node did.
+    assert result["final_checksum"] == rollout_node_lost[1]["final_checksum"]
