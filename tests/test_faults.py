@@ -66,7 +66,7 @@ class HangsOnDemand:
 
     def run_task(self, task):
         if task == "hang":
-            time.sleep(20)
+            time.sleep(10)
         return task
 
 

@@ -129,3 +129,23 @@ def test_lost_learner_node_restarts_on_a_replacement_and_rewinds(cluster, rollou
     assert all(r["policy/weights_consistent"] == 1 for r in rows) and rows[-1]["policy/learner_restarts"] == 1
     # S = 0: the run that lost its learner node ends where the one that lost a rollout node did.
     assert result["final_checksum"] == rollout_node_lost[1]["final_checksum"]
+
+
+def test_roles_that_never_fit_together_fail_at_start_naming_the_demand(cluster, tmp_path):
+    """The shipped async config with a third rollout worker on this cluster: every role fits alone, not all
+    at once. The run fails at start (Ray Train would otherwise retry its worker group without end)."""
+    cpus = sum(n.num_cpus for n in cluster.nodes)
+    t0 = time.time()
+    proc = cluster.popen([sys.executable, "-m", "raydiff.train", "configs/tiny_ddpo_async.yaml", f"output.run_dir={tmp_path}",
+                          f"rollout.num_workers={int(cpus) - 1}", "learner.num_workers=2"], str(tmp_path / "train.log"))
+    try:
+        proc.wait(timeout=300)
+    finally:
+        stop_group(proc)
+    elapsed = time.time() - t0
+    log = (tmp_path / "train.log").read_text() + "".join(p.read_text(errors="replace") for p in tmp_path.glob("logs/*.log"))
+    assert proc.returncode != 0, log[-3000:]
+    assert "FeasibilityError" in log and f"rollout {{CPU: {int(cpus) - 1}}}" in log and "learner {CPU: 2}" in log, log[-3000:]
+    assert f"CPU: {int(cpus)}}}" in log, log[-3000:]
+    print(f"infeasible run failed after {elapsed:.1f} s (driver start included)")
+    assert elapsed < 120  # within a minute on an idle machine; this one is shared

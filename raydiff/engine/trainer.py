@@ -209,7 +209,13 @@ class Trainer:
             raise RuntimeError(f"{restarted}, but this run has no checkpoint to rewind to") from restarted
         found = Path(point).parent
         state = ckpt.load_driver_state(found)
-        self.learner.load(point)  # every rank on exactly that checkpoint, whatever it restored
+        for attempt in range(self.cfg.learner.max_failures + 1):
+            try:
+                self.learner.load(point)  # every rank on exactly that checkpoint, whatever it restored
+                break
+            except LearnerRestarted:  # restarted again while loading: load again
+                if attempt == self.cfg.learner.max_failures:
+                    raise
         self.algorithm.load_state_dict(state["algorithm"])
         self.learner_restarts += 1
         self.rewinds.append(found)
