@@ -49,7 +49,7 @@ def main() -> None:
     weights = torch.load(ckpt.latest_checkpoint(trainer.run_dir) / "learner" / "learner.pt", weights_only=False)["weights"]
     result = {"rows": read_metrics(trainer.run_dir), "learner_restarts": trainer.learner_restarts,
               "rewinds": [str(p) for p in trainer.rewinds], "final_checksum": state_checksum(weights),
-              "reissued": trainer.rollouts.reissued}
+              "reissued": trainer.rollouts.reissued, "restored_checksums": sorted(map(str, trainer.restored_checksums))}
     (out / "result.json").write_text(json.dumps(result, default=float))
 
 

@@ -147,7 +147,7 @@ def test_learner_worker_crash_rewinds_the_driver(ray_cluster, tmp_path):
     """Kill one Ray Train learner rank mid-run: Ray Train restarts the group, the ranks restore the run's
     latest checkpoint and agree on it by checksum, the batch in flight is dropped, and the driver rewinds
     its own version, algorithm state and epoch to that checkpoint (no silent rollback). S = 0, so the final
-    weights equal an uninterrupted run's bit for bit."""
+    weights would equal an uninterrupted run's if runs were deterministic (they are not yet: see below)."""
     overrides = ["output.progress=false", "learner.num_workers=2", "train.num_epochs=5", "output.checkpoint_every=2",
                  "train.verify_weights_every=1", "output.tensorboard=false", "output.image_grid_every=0",
                  "output.experience_records=false", "sampling.batch_size=4", "sampling.num_steps=3", "algorithm.train_batch_size=4"]
@@ -176,11 +176,12 @@ def test_learner_worker_crash_rewinds_the_driver(ray_cluster, tmp_path):
     assert all(r["policy/version"] == r["step"] + 1 for r in rows) and all(r["policy/weights_consistent"] == 1 for r in rows)
     assert rows[-1]["policy/learner_restarts"] == 1
 
-    clean = load_config("configs/tiny_ddpo.yaml", [f"output.run_dir={tmp_path / 'clean'}", *overrides])
-    Trainer(clean).run()
-    final = lambda d: torch.load(ckpt.latest_checkpoint(d) / "learner" / "learner.pt", weights_only=False)["weights"]  # noqa: E731
-    a, b = final(tmp_path / "crash"), final(tmp_path / "clean")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "rewound run differs from an uninterrupted one"
+    # The ranks restored exactly the rewound checkpoint (they agreed on its checksum before serving a task).
+    saved = torch.load(trainer.rewinds[0] / "learner" / "learner.pt", weights_only=False)["weights"]
+    assert trainer.restored_checksums == {state_checksum(saved)}
+    # Not asserted: final weights == an uninterrupted run's. Two fault-free runs of this config already
+    # differ from epoch 1 on (measured 2026-11-29: reward/mean 0.48709 vs 0.48632 at epoch 1), so the
+    # comparison waits for run-to-run determinism (S = 0 bit-exact resume, issue #14 point 2).
 
 
 def _run_trainer(trainer, errors) -> None:

@@ -76,6 +76,7 @@ class Trainer:
         self.is_async = self.algorithm.needs.mode == "async"
         self.learner_restarts = 0
         self.rewinds: list[Path] = []  # checkpoints the run was rewound to after learner restarts
+        self.restored_checksums: set = set()  # what the restarted ranks reported holding (last restart)
 
     # --- setup -------------------------------------------------------------
     def _start_roles(self) -> None:
@@ -219,6 +220,7 @@ class Trainer:
         self.algorithm.load_state_dict(state["algorithm"])
         self.learner_restarts += 1
         self.rewinds.append(found)
+        self.restored_checksums = {v.get("checksum") for v in restarted.restored.values()}
         log.warning("%s: rewound the run to %s (epoch %d, policy version %d)", restarted, found, state["epoch"] + 1, self.learner.version)
         if self.rollouts:
             self.rollouts.reset()
