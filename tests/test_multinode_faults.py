@@ -46,9 +46,10 @@ def cluster():
         yield c
 
 
-def _start(cluster, out: Path):
-    args = [sys.executable, str(REPO / "tests" / "_fault_driver.py"), str(out), "configs/tiny_ddpo_async.yaml",
-            f"output.run_dir={out / 'run'}", *OVERRIDES]
+def _start(cluster, out: Path, model: str):
+    # model: the session's built tiny model (workers building it at once into one cache would race)
+    args = [sys.executable, str(Path(REPO) / "tests" / "_fault_driver.py"), str(out), "configs/tiny_ddpo_async.yaml",
+            f"output.run_dir={out / 'run'}", f"model.path={model}", *OVERRIDES]
     return cluster.popen(args, str(out / "driver.log"))
 
 
@@ -75,9 +76,9 @@ def _node_of(cluster, node_id):
 
 
 @pytest.fixture(scope="module")
-def rollout_node_lost(cluster, tmp_path_factory):
+def rollout_node_lost(cluster, tmp_path_factory, tiny_sd):
     out = tmp_path_factory.mktemp("rollout_lost")
-    proc = _start(cluster, out)
+    proc = _start(cluster, out, tiny_sd)
     try:
         roles = _wait_roles(proc, out)
         victim = _node_of(cluster, roles["rollout"][0])
@@ -107,11 +108,11 @@ def test_lost_rollout_node_every_batch_full(rollout_node_lost):
     assert result["reissued"] >= 1 or rows[-1]["policy/reissued_batches"] >= 1
 
 
-def test_lost_learner_node_restarts_on_a_replacement_and_rewinds(cluster, rollout_node_lost, tmp_path):
+def test_lost_learner_node_restarts_on_a_replacement_and_rewinds(cluster, rollout_node_lost, tmp_path, tiny_sd):
     # The rollout node stopped above stays gone: give rollout worker 0 a node again, so this run starts like the first.
     cluster.rollout_nodes = [n for n in cluster.nodes if n.resources.get("rollout")] + [cluster.add_node(num_cpus=1, resources={"rollout": 1})]
     out = tmp_path / "learner_lost"
-    proc = _start(cluster, out)
+    proc = _start(cluster, out, tiny_sd)
     try:
         _wait_roles(proc, out)
         rows_before = (out / "run" / "metrics.jsonl").read_text().count("\n")
@@ -131,12 +132,12 @@ def test_lost_learner_node_restarts_on_a_replacement_and_rewinds(cluster, rollou
     print("final weights:", result["final_checksum"], "vs the rollout-loss run", rollout_node_lost[1]["final_checksum"])
 
 
-def test_roles_that_never_fit_together_fail_at_start_naming_the_demand(cluster, tmp_path):
+def test_roles_that_never_fit_together_fail_at_start_naming_the_demand(cluster, tmp_path, tiny_sd):
     """The shipped async config with a third rollout worker on this cluster: every role fits alone, not all
     at once. The run fails at start (Ray Train would otherwise retry its worker group without end)."""
     cpus = sum(n.num_cpus for n in cluster.nodes)
     t0 = time.time()
-    proc = cluster.popen([sys.executable, "-m", "raydiff.train", "configs/tiny_ddpo_async.yaml", f"output.run_dir={tmp_path}",
+    proc = cluster.popen([sys.executable, "-m", "raydiff.train", "configs/tiny_ddpo_async.yaml", f"output.run_dir={tmp_path}", f"model.path={tiny_sd}",
                           f"rollout.num_workers={int(cpus) - 1}", "learner.num_workers=2"], str(tmp_path / "train.log"))
     try:
         proc.wait(timeout=300)
