@@ -89,6 +89,8 @@ class RolloutSection(Section):
     gpu_memory_gb: float = Field(80.0, gt=0, description="Memory of one GPU on rollout nodes; the memory plan (raydiff plan) refuses configs predicted to exceed it.")
     overlap_scoring: bool = Field(True, description="Score batch i while sampling batch i+1 on the same worker (false: wait for scores after every batch).")
     max_scoring_in_flight: int = Field(2, ge=1, description="With overlap_scoring: batches per rollout worker sampled and awaiting scores at once.")
+    task_timeout_s: float = Field(1800.0, gt=0, description="Longest wait for one rollout batch (or weight update); past it the worker is restarted and the batch re-issued.")
+    max_batch_retries: int = Field(3, ge=0, description="Times one rollout batch is re-issued after a failure (task error, lost worker or object, timeout) before the run stops.")
 
 
 class LearnerSection(Section):
@@ -108,6 +110,8 @@ class LearnerSection(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per learner worker on CPU.")
     gpu_memory_gb: float = Field(80.0, gt=0, description="Memory of one GPU on learner nodes; the memory plan (raydiff plan) refuses configs predicted to exceed it.")
+    task_timeout_s: float = Field(3600.0, gt=0, description="Longest wait for one learner task (a train step, publish, save); past it the run fails naming the learner.")
+    start_timeout_s: float = Field(900.0, gt=0, description="Longest wait for all learner ranks to start (placed, restored); an autoscaler adding nodes gets this long.")
 
 
 class TrainSection(Section):

@@ -44,6 +44,9 @@ class TinyLearner:
 
         return state_checksum(self.stepper.gathered_trainable_state())
 
+    def checksum(self) -> str:  # LearnerGroup compares it across ranks before the first task
+        return self._checksum()
+
     def run_task(self, task: dict):
         op = task["op"]
         if op == "step":  # one micro-step on data that differs per rank (seed from the driver)
@@ -167,7 +170,7 @@ def test_deepspeed_config_merges_overrides():
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_learner_in_ray_train(ray_cluster, tiny_sd, tmp_path, stage):
-    from raydiff.engine.learner_group import LearnerGroup
+    from raydiff.engine.learner_group import LearnerGroup, LearnerRestarted
     from raydiff.models.loader import load_model
     from raydiff.models.lora import trainable_state_dict
 
@@ -220,8 +223,17 @@ def test_zero_learner_in_ray_train(ray_cluster, tiny_sd, tmp_path, stage):
             group.run([{"op": "set_accumulation", "n": 1}] * 2)  # load restored the saved 3
             moved = group.run([{"op": "step", "seed": 60 + r} for r in range(2)])
             assert moved[0]["checksum"] != c[0]["checksum"]
-            e = group.run([{"op": "crash_once"}] * 2)
+            # The batch in flight is dropped, not re-run on rolled-back weights: the driver hears of the
+            # restart (LearnerRestarted) and what the ranks restored, which they agreed on by checksum.
+            with pytest.raises(LearnerRestarted) as info:
+                group.run([{"op": "crash_once"}] * 2)
             assert os.path.exists(marker)
+            import ray as _r
+            open("/tmp/faults_diag.txt", "w").write(repr((info.value.generation, info.value.restored, s0[0]["checksum"], c[0]["checksum"], moved[0]["checksum"], _r.get(group.coordinator.status.remote()))))
+            assert {v["checksum"] for v in info.value.restored.values()} == {c[0]["checksum"]}, (
+                info.value.restored, s0[0]["checksum"], c[0]["checksum"], moved[0]["checksum"])
+            assert all(v["restored"].endswith("ckpt_000002") for v in info.value.restored.values())
+            e = group.run([{"op": "load", "dir": path}] * 2)  # serves tasks again, on the restored weights
             assert [x["checksum"] for x in e] == [c[0]["checksum"]] * 2 and e[0]["global_step"] == 2
     finally:
         group.shutdown()
@@ -229,7 +241,8 @@ def test_zero_learner_in_ray_train(ray_cluster, tiny_sd, tmp_path, stage):
 
 def test_restart_voids_every_pre_restart_result(ray_cluster):
     """After a group restart, a slow rank's pre-restart result never completes a batch with a fast rank's
-    post-restart one (the race that made rank 0 report rolled-forward weights under load)."""
+    post-restart one (the race that made rank 0 report rolled-forward weights under load): the batch in
+    flight is dropped, the driver is told, and a stale result never overwrites a fresh one."""
     import ray
 
     from raydiff.engine.learner_group import Coordinator
@@ -239,12 +252,19 @@ def test_restart_voids_every_pre_restart_result(ray_cluster):
         ray.get([c.register.remote(0, "old0"), c.register.remote(1, "old1")])
         seq = ray.get(c.put_task.remote(["t", "t"]))
         ray.get(c.put_result.remote(0, seq, "stale", "old0"))  # rank 0 finished before rank 1 died
-        ray.get(c.register.remote(1, "new1"))  # restart: the fast new rank 1 is back first
+        ray.get(c.register.remote(1, "new1", {"restored": "ck"}))  # restart: the fast new rank 1 is back first
         ray.get(c.put_result.remote(1, seq, "fresh1", "new1"))
-        assert ray.get(c.get_results.remote(seq, 0.5)) is None  # rank 0's old result must not count
-        ray.get(c.register.remote(0, "new0"))
-        assert ray.get(c.get_results.remote(seq, 0.5)) is None  # still the pre-restart value for rank 0
+        assert ray.get(c.get_results.remote(seq, 0.5)) == ("aborted", 1, None)  # dropped, never completed
+        assert ray.get(c.get_task.remote(0, -1, 0.2)) is None  # nothing re-run on restored weights
+        assert not ray.get(c.status.remote())["ready"]  # rank 0 of the new generation is not back yet
+        ray.get(c.register.remote(0, "new0", {"restored": "ck"}))
+        status = ray.get(c.status.remote())
+        assert status["generation"] == 1 and status["ready"]
+        assert status["restored"] == {0: {"restored": "ck", "generation": 1}, 1: {"restored": "ck", "generation": 1}}
+        seq = ray.get(c.put_task.remote(["u", "u"]))
         ray.get(c.put_result.remote(0, seq, "fresh0", "new0"))
-        assert ray.get(c.get_results.remote(seq, 2.0)) == ["fresh0", "fresh1"]
+        ray.get(c.put_result.remote(0, seq, "stale0", "old0"))  # a late pre-restart result: ignored
+        ray.get(c.put_result.remote(1, seq, "fresh1", "new1"))
+        assert ray.get(c.get_results.remote(seq, 2.0)) == ("done", 1, ["fresh0", "fresh1"])
     finally:
         ray.kill(c)

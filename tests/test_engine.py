@@ -118,9 +118,10 @@ def test_killed_driver_resumes_bit_identical(ray_cluster, tmp_path):
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 300
-        while ckpt.latest_checkpoint(tmp_path) is None and time.time() < deadline and proc.poll() is None:
+        trained = lambda: [p for p in ckpt.complete_checkpoints(tmp_path) if p.name != "step_-00001"]  # noqa: E731 (not the initial state)
+        while not trained() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.5)
-        assert ckpt.latest_checkpoint(tmp_path) is not None, "no checkpoint before the deadline"
+        assert trained(), "no checkpoint before the deadline"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -142,43 +143,49 @@ def test_killed_driver_resumes_bit_identical(ray_cluster, tmp_path):
         trainer.learner.shutdown()
 
 
-def test_learner_worker_crash_restarts_from_checkpoint(ray_cluster, tmp_path):
-    """Kill one Ray Train learner worker mid-run: Ray Train restarts the group (FailureConfig), the workers
-    resume from the run's latest checkpoint, the pending update is re-run and the run completes consistent."""
-    cfg = load_config("configs/tiny_ddpo.yaml", [f"output.run_dir={tmp_path}", "output.progress=false", "learner.num_workers=2",
-                                                 "train.num_epochs=8", "output.checkpoint_every=2", "train.verify_weights_every=1",
-                                                 "output.tensorboard=false", "output.image_grid_every=0"])
-    errors = []
-    t = threading.Thread(target=lambda: _run(cfg, errors))
+def test_learner_worker_crash_rewinds_the_driver(ray_cluster, tmp_path):
+    """Kill one Ray Train learner rank mid-run: Ray Train restarts the group, the ranks restore the run's
+    latest checkpoint and agree on it by checksum, the batch in flight is dropped, and the driver rewinds
+    its own version, algorithm state and epoch to that checkpoint (no silent rollback). S = 0, so the final
+    weights would equal an uninterrupted run's if runs were deterministic (they are not yet: see below)."""
+    overrides = ["output.progress=false", "learner.num_workers=2", "train.num_epochs=5", "output.checkpoint_every=2",
+                 "train.verify_weights_every=1", "output.tensorboard=false", "output.image_grid_every=0",
+                 "output.experience_records=false", "sampling.batch_size=4", "sampling.num_steps=3", "algorithm.train_batch_size=4"]
+    cfg = load_config("configs/tiny_ddpo.yaml", [f"output.run_dir={tmp_path / 'crash'}", *overrides])
+    trainer, errors = Trainer(cfg), []
+    t = threading.Thread(target=lambda: _run_trainer(trainer, errors))
     t.start()
-    killed = False
+    killed = None
     deadline = time.time() + 600
-    while time.time() < deadline and t.is_alive() and not killed:
-        if ckpt.latest_checkpoint(tmp_path) is not None and len(read_metrics(tmp_path)) >= 3:
-            workers = _train_worker_pids()
-            if workers:
-                os.kill(workers[0], signal.SIGKILL)  # a crash, not a polite stop
-                killed = True
-        time.sleep(0.5)
+    while time.time() < deadline and t.is_alive() and killed is None:
+        if len(read_metrics(tmp_path / "crash")) >= 2:
+            status = ray.get(trainer.learner.group.coordinator.status.remote())
+            killed = status["restored"][1]["pid"]
+            os.kill(killed, signal.SIGKILL)  # a crash of the rank this run's learner group started
+        time.sleep(0.2)
     t.join(timeout=600)
     assert not errors, errors
-    assert killed
-    rows = read_metrics(tmp_path)
-    assert [r["step"] for r in rows] == list(range(8))
-    assert all(r["policy/weights_consistent"] == 1 for r in rows)
-    assert rows[-1]["policy/version"] == 8
+    assert killed is not None, "run ended before a learner rank could be killed"
+    assert trainer.learner_restarts == 1 and len(trainer.rewinds) == 1
+    restored = torch.load(trainer.rewinds[0] / "driver.pt", weights_only=False)
+    rows = read_metrics(tmp_path / "crash")
+    steps = [r["step"] for r in rows]
+    assert steps[-1] == 4 and sorted(set(steps)) == list(range(5))
+    assert restored["epoch"] < 4 and restored["version"] == restored["epoch"] + 1  # step_-00001 holds version 0
+    # After the rewind the driver counts from the restored version: every epoch trains version epoch + 1.
+    assert all(r["policy/version"] == r["step"] + 1 for r in rows) and all(r["policy/weights_consistent"] == 1 for r in rows)
+    assert rows[-1]["policy/learner_restarts"] == 1
+
+    # The ranks restored exactly the rewound checkpoint (they agreed on its checksum before serving a task).
+    saved = torch.load(trainer.rewinds[0] / "learner" / "learner.pt", weights_only=False)["weights"]
+    assert trainer.restored_checksums == {state_checksum(saved)}
+    # Not asserted: final weights == an uninterrupted run's. Two fault-free runs of this config already
+    # differ from epoch 1 on (measured 2026-11-29: reward/mean 0.48709 vs 0.48632 at epoch 1), so the
+    # comparison waits for run-to-run determinism (S = 0 bit-exact resume, issue #14 point 2).
 
 
-
-def _train_worker_pids() -> list[int]:
-    """PIDs of Ray Train worker processes (Ray sets their title to `ray::RayTrainWorker...`)."""
-    pids = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if f.read().startswith(b"ray::RayTrainWorker"):
-                        pids.append(int(pid))
-            except OSError:
-                pass
-    return sorted(pids)
+def _run_trainer(trainer, errors) -> None:
+    try:
+        trainer.run()
+    except BaseException as e:  # surfaced by the test thread
+        errors.append(repr(e))

@@ -5,7 +5,7 @@
 - A scoring failure re-sends the scores, never re-samples; a permanent one is raised at once.
 - Overlap: the group issues `start` of batch i+1 before `finish` of batch i; the time rollouts sit
   blocked on scores (time/reward_wait_s) is lower than without overlap, same config.
-- A batch that fails inside its worker (e.g. CUDA OOM) is a clear RolloutFailed in the driver.
+- A batch that keeps failing inside its worker (e.g. CUDA OOM) is re-issued, then a clear RolloutFailed in the driver.
 """
 
 from __future__ import annotations
@@ -148,14 +148,15 @@ def test_failing_rollout_batch_is_a_clear_error_in_the_driver(ray_cluster, tiny_
         def start(self, prompts, seed):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 54.00 GiB")
 
-    cfg = load_config(str(ROOT / "configs" / "tiny_ddpo_async.yaml"), [f"model.path={tiny_sd}"])
+    cfg = load_config(str(ROOT / "configs" / "tiny_ddpo_async.yaml"), [f"model.path={tiny_sd}", "rollout.max_batch_retries=1"])
     group = RolloutGroup(cfg, make_algorithm(cfg.algorithm, cfg.sampling).needs, worker_cls=OutOfMemoryWorker)
     try:
         group.dispatch(0, [(0, ["a cat"], 7)])
         with pytest.raises(RolloutFailed) as info:
             group.gather(0)
+        assert group.reissued == 1  # re-issued once (rollout.max_batch_retries=1), then a clear error
     finally:
         group.shutdown()
     msg = str(info.value)
-    assert "rollout worker 0 failed on its batch of epoch 0 (1 prompts, seed 7)" in msg
+    assert "rollout batch of worker 0 (epoch 0, 1 prompts, seed 7) failed 2 time(s)" in msg
     assert "OutOfMemoryError" in msg and "rollout.decode_chunk" in msg and "raydiff plan" in msg

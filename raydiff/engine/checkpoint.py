@@ -120,3 +120,13 @@ def load_driver_state(checkpoint: Path | str) -> dict:
 
 def learner_uri(checkpoint: Path | str) -> str:
     return join_uri(str(checkpoint), "learner")
+
+
+def checkpoint_of(learner_location: Path | str) -> Path | str:
+    """The checkpoint holding a `learner_uri` (the inverse; a URI keeps its query options)."""
+    base, sep, query = str(learner_location).partition("?")
+    base = base.rstrip("/")
+    if not base.endswith("/learner"):
+        raise ValueError(f"{redact(str(learner_location))!r} is not a checkpoint's learner folder")
+    parent = base[: -len("/learner")]
+    return Path(parent) if not sep and "://" not in parent else parent + sep + query

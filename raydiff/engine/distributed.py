@@ -47,8 +47,13 @@ class DistributedLearner:
             return DeepSpeedStepper(self.container, groups, learner_cfg, acc, use_gpu)
 
         self.learner = _PreStepperLearner(cfg, rank, world_size, stepper, self)
+        self.restored_from = resume_from  # reported to the driver at a (re)start
         if resume_from:
             self.load(resume_from)
+
+    def checksum(self) -> str:
+        """The trainable weights' checksum (a collective under ZeRO-3: every rank calls it)."""
+        return state_checksum(self._denoiser_state())
 
     def run_task(self, task):
         kind = task[0]
@@ -59,7 +64,7 @@ class DistributedLearner:
         if kind == "publish":
             return self.publish()
         if kind == "checksum":
-            return state_checksum(self._denoiser_state())
+            return self.checksum()
         if kind == "save":
             return self.save(task[1])
         if kind == "load":
@@ -142,7 +147,8 @@ class GroupLearnerHandle:
         self.storage.delete(RESTART_FILE)
         self.group = LearnerGroup(_WorkerFactory(cfg, self.storage.uri), cfg.learner,
                                   storage_path=join_uri(self.storage.uri, "ray_train"),
-                                  name=f"learner-{uuid.uuid4().hex[:8]}", max_failures=cfg.learner.max_failures).start()
+                                  name=f"learner-{uuid.uuid4().hex[:8]}", max_failures=cfg.learner.max_failures,
+                                  ).start().wait_ready(cfg.learner.start_timeout_s)
         self.version = 0
 
     def _mark_restart_point(self, directory: str) -> None:
@@ -168,7 +174,14 @@ class GroupLearnerHandle:
         return merged
 
     def publish(self):
-        return self.group.run([("publish",)] * self.world)[0][0]
+        """The update as an object the driver owns: rank 0's own ref would die with rank 0
+        (OwnerDiedError on every rollout worker's set_weights after a learner restart)."""
+        return ray.put(ray.get(self.group.run([("publish",)] * self.world)[0][0]))
+
+    @property
+    def restart_point(self) -> str | None:
+        """The checkpoint restarted ranks restore (what the driver marked last); None before any."""
+        return self.storage.read_bytes(RESTART_FILE).decode().strip() if self.storage.exists(RESTART_FILE) else None
 
     def checksums(self) -> list[str]:
         return self.group.run([("checksum",)] * self.world)
@@ -204,5 +217,9 @@ class _WorkerFactory:
 
     def __call__(self, rank: int, world_size: int) -> DistributedLearner:
         store = Storage(self.run_uri)
-        resume = store.read_bytes(RESTART_FILE).decode().strip() if store.exists(RESTART_FILE) else None
-        return DistributedLearner(self.cfg, rank, world_size, resume)
+        resume = [store.read_bytes(RESTART_FILE).decode().strip() if store.exists(RESTART_FILE) else None]
+        if world_size > 1:  # rank 0 decides: ranks reading the file at different times could restore different steps
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(resume, src=0)
+        return DistributedLearner(self.cfg, rank, world_size, resume[0])

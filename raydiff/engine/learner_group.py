@@ -17,9 +17,16 @@ coordinator actor::
 Invariants: one task batch is in flight at a time, and every rank runs every
 batch in the same order (the worker's collectives depend on it). After a
 worker-group failure, Ray Train restarts all workers (FailureConfig.max_failures);
-each restores the latest reported checkpoint and re-runs the pending batch, so
-updates made since that checkpoint are lost (`run` still returns, with the
-re-run results). Tasks and results are opaque: the group knows no algorithm.
+each restores its checkpoint, and before serving any task the ranks compare
+weight checksums (all-gather): a rank that differs fails the start, so Ray Train
+tries again. The restart is never silent: the batch in flight is dropped (not
+re-run on rolled-back weights) and `run` raises `LearnerRestarted`, so the
+driver resets its own state (policy version, algorithm state, epoch) to the
+same checkpoint. The coordinator is CPU-free, lives on the driver's node when
+it can, and restarts (max_restarts); a coordinator restart also raises
+`LearnerRestarted` (its task board was lost). Every wait has a timeout whose
+error names the role and the knob. Tasks and results are opaque: the group
+knows no algorithm.
 
 Ray 2.60 runs Train v2 by default (RAY_TRAIN_V2_ENABLED=1); this module uses only
 APIs common to v1 and v2 (`ray.train.report/get_checkpoint/get_context`).
@@ -39,6 +46,23 @@ import ray
 
 CHECKPOINT = "__raydiff_checkpoint__"  # control task: every rank saves, then reports one checkpoint
 _STOP = "__raydiff_stop__"
+_REREGISTER = "__raydiff_reregister__"  # the coordinator restarted: workers announce themselves again
+CONTROL_TIMEOUT_S = 60.0  # a call to the (local, idle) coordinator actor
+
+
+class LearnerRestarted(RuntimeError):
+    """Ray Train restarted the learner workers (or the coordinator restarted): the batch in flight was
+    dropped and the ranks hold the weights they restored. The driver must reset its own state to the
+    same checkpoint before going on (no silent rollback)."""
+
+    def __init__(self, group: str, generation: int, restored: dict):
+        self.generation, self.restored = generation, restored
+        where = sorted({str(v.get("restored")) for v in restored.values()}) if restored else ["unknown"]
+        super().__init__(f"learner group {group!r} restarted (generation {generation}); ranks restored {', '.join(where)}")
+
+
+class LearnerTimeout(TimeoutError):
+    """A learner wait ran past its limit; the message names the role and the knob."""
 
 
 @ray.remote(num_cpus=0)
@@ -47,6 +71,10 @@ class Coordinator:
 
     def __init__(self, world_size: int):
         self.world_size = world_size
+        self.incarnation = uuid.uuid4().hex  # changes when Ray restarts this actor (its state is lost)
+        self.generation = 0  # Ray Train group restarts seen
+        self.restored: dict[int, dict] = {}  # rank -> what it restored at its (re)start
+        self.aborted: dict[int, int] = {}  # seq -> generation that dropped it
         self.seq = -1
         self.tasks: Optional[list] = None  # pending batch, one task per rank
         self.results: dict[int, dict[int, Any]] = {}  # seq -> rank -> (worker token, result)
@@ -73,8 +101,11 @@ class Coordinator:
         await self._notify()
         return self.seq
 
-    async def get_task(self, rank: int, last_seq: int, timeout: float = 10.0):
-        """Wait for a batch newer than `last_seq`: (seq, task), (None, STOP), or None on timeout."""
+    async def get_task(self, rank: int, last_seq: int, timeout: float = 10.0, incarnation: str = ""):
+        """Wait for a batch newer than `last_seq`: (seq, task), (None, STOP), (None, REREGISTER)
+        if this coordinator is not the one the worker registered with, or None on timeout."""
+        if incarnation and incarnation != self.incarnation:
+            return (None, _REREGISTER)
         try:
             async with self.changed:
                 await asyncio.wait_for(self.changed.wait_for(lambda: self.stopped or (self.tasks is not None and self.seq > last_seq)), timeout)
@@ -84,39 +115,56 @@ class Coordinator:
             return (None, _STOP)
         return (self.seq, self.tasks[rank])
 
-    async def register(self, rank: int, token: str) -> None:
-        """A worker process announces itself. A rank that already had a live token means Ray Train
-        restarted the whole group: every other rank's token is void too, even before its new
-        process registers (a slow rank's pre-restart result must not complete a batch together
-        with a fast rank's post-restart one)."""
+    async def register(self, rank: int, token: str, info: Optional[dict] = None) -> str:
+        """A worker process announces itself (after restoring and agreeing on weights); returns this
+        coordinator's incarnation. A rank that already had a token means Ray Train restarted the
+        whole group: every other rank's token is void too, even before its new process registers
+        (a slow rank's pre-restart result must not complete a batch together with a fast rank's
+        post-restart one), and the batch in flight is dropped, never re-run on restored weights."""
         if self.current.get(rank) is not None:
+            self.generation += 1
             self.current = {r: None for r in self.current}
+            if self.tasks is not None:
+                self.aborted[self.seq] = self.generation
+                self.results.pop(self.seq, None)
+                self.tasks = None
         self.current[rank] = token
+        self.restored[rank] = dict(info or {}, generation=self.generation)
+        await self._notify()
+        return self.incarnation
+
+    async def status(self) -> dict:
+        """incarnation, generation and what each rank restored: the driver's restart detector."""
+        ready = len(self.restored) == self.world_size and all(v["generation"] == self.generation for v in self.restored.values())
+        return {"incarnation": self.incarnation, "generation": self.generation, "restored": dict(self.restored), "ready": ready}
 
     def _complete(self, seq: int) -> bool:
         got = self.results.get(seq, {})
         return len(got) == self.world_size and all(self.current.get(r) is not None and got[r][0] == self.current[r] for r in got)
 
     async def put_result(self, rank: int, seq: int, result: Any, token: str = "") -> None:
-        if seq not in self.results:
-            return  # a stale result from before a restart
+        if seq not in self.results or self.current.get(rank) != token:
+            return  # a stale result from before a restart (never overwrites a fresh one)
         self.results[seq][rank] = (token, result)
         if self._complete(seq):
             self.tasks = None
         await self._notify()
 
-    async def get_results(self, seq: int, timeout: float = 1.0) -> Optional[list]:
-        """All ranks' results of batch `seq` in rank order (and forgets them), or None on timeout."""
+    async def get_results(self, seq: int, timeout: float = 1.0) -> Optional[tuple]:
+        """("done", generation, results in rank order) and forgets them; ("aborted", generation, None)
+        if a group restart dropped batch `seq`; None on timeout."""
         def done():
-            return self._complete(seq)
+            return seq in self.aborted or self._complete(seq)
 
         try:
             async with self.changed:
                 await asyncio.wait_for(self.changed.wait_for(done), timeout)
         except asyncio.TimeoutError:
             return None
+        if seq in self.aborted:
+            return ("aborted", self.aborted.pop(seq), None)
         res = self.results.pop(seq)
-        return [res[r][1] for r in range(self.world_size)]
+        return ("done", self.generation, [res[r][1] for r in range(self.world_size)])
 
     async def stop(self) -> None:
         self.stopped = True
@@ -141,26 +189,51 @@ def _train_loop(config: dict) -> None:
         torch.set_num_threads(int(config["torch_threads"]))
     coord = config["coordinator"]
     worker = config["make_worker"](rank, world)
+    restored = getattr(worker, "restored_from", None)
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             worker.load(d)
+        restored = ckpt.path
+    info = {"restored": restored, "checksum": agree_on_weights(worker, rank, world), "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id()}
     token = uuid.uuid4().hex
-    ray.get(coord.register.remote(rank, token))
+    incarnation = ray.get(coord.register.remote(rank, token, info))
     last_seq = -1
     while True:
-        got = ray.get(coord.get_task.remote(rank, last_seq))
+        got = ray.get(coord.get_task.remote(rank, last_seq, 10.0, incarnation))
         if got is None:
             continue
         seq, task = got
         if task == _STOP:
             return
+        if task == _REREGISTER:  # the coordinator restarted empty: announce again, count from -1
+            incarnation, last_seq = ray.get(coord.register.remote(rank, token, info)), -1
+            continue
         if isinstance(task, tuple) and task and task[0] == CHECKPOINT:
             result = _save_and_report(worker, name=task[1])
         else:
             result = worker.run_task(task)
         ray.get(coord.put_result.remote(rank, seq, result, token))
         last_seq = seq
+
+
+def agree_on_weights(worker, rank: int, world: int) -> Optional[str]:
+    """Before the first task: every rank's weight checksum (worker.checksum(), if it has one) must be
+    rank 0's. Raises on a mismatch, so Ray Train restarts the group instead of letting ranks that
+    silently diverged train on. Returns the agreed checksum (None if the worker has no checksum())."""
+    if not hasattr(worker, "checksum"):
+        return None
+    mine = worker.checksum()
+    if world == 1:
+        return mine
+    import torch.distributed as dist
+
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    if any(c != every[0] for c in every):
+        raise RuntimeError(f"learner ranks hold different weights after (re)start: {[str(c)[:12] for c in every]}")
+    return mine
 
 
 def _save_and_report(worker, name: str) -> str:
@@ -203,18 +276,24 @@ class LearnerGroup:
         self.storage_path = storage_path  # a local path (made absolute) or a run-storage URI
         self.name = name
         self.max_failures = max_failures
-        self.task_timeout_s = task_timeout_s
+        self.task_timeout_s = task_timeout_s if task_timeout_s is not None else getattr(learner_cfg, "task_timeout_s", None)
         self.num_workers = int(learner_cfg.num_workers)
         self.coordinator = None
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
         self._fit_result = None
+        self._seen: Optional[tuple] = None  # (coordinator incarnation, generation) of the last results
 
     def start(self) -> "LearnerGroup":
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.coordinator = Coordinator.options(name=f"coordinator-{self.name}-{uuid.uuid4().hex[:6]}").remote(self.num_workers)
+        # CPU-free, so it never competes with the roles; on the driver's node (soft), so it lives as
+        # long as the driver; restartable, with calls retried on the new instance (run() notices).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self.coordinator = Coordinator.options(name=f"coordinator-{self.name}-{uuid.uuid4().hex[:6]}", max_restarts=-1,
+                                               max_task_retries=-1, scheduling_strategy=here).remote(self.num_workers)
         resources = {"CPU": float(self.cfg.num_cpus), **{k: float(v) for k, v in self.cfg.resources.items()}}
         if self.cfg.use_gpu:
             resources["GPU"] = 1.0
@@ -243,18 +322,78 @@ class LearnerGroup:
         if self._thread is None or not self._thread.is_alive():
             raise RuntimeError(f"learner group {self.name!r} is not running (start() not called, or fit() returned)")
 
-    def run(self, task_per_rank: list) -> list:
-        """Give tasks[r] to rank r; block until every rank returns; results in rank order."""
-        self._check_alive()
-        seq = ray.get(self.coordinator.put_task.remote(list(task_per_rank)))
+    def wait_ready(self, timeout_s: float) -> "LearnerGroup":
+        """Block until every rank has registered (restored, weights agreed), or fail naming the demand.
+
+        Ray Train retries a worker group that cannot be placed without end; this is the bound
+        (an autoscaler that should add the nodes gets `timeout_s`)."""
+        self._wait_registered(timeout_s)
+        return self
+
+    def _call(self, ref, what: str):
+        """ray.get on a coordinator call, bounded: a coordinator that never answers is an error, not a hang."""
+        try:
+            return ray.get(ref, timeout=CONTROL_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise LearnerTimeout(f"learner group {self.name!r}: the coordinator did not answer {what} within {CONTROL_TIMEOUT_S:g} s") from None
+
+    def _restarted(self, status: dict, generation: int) -> Optional[LearnerRestarted]:
+        seen = (status["incarnation"], generation)
+        if self._seen is None:
+            self._seen = seen
+        if seen == self._seen:
+            return None
+        self._seen = seen
+        status = self._wait_registered(getattr(self.cfg, "start_timeout_s", 900.0))
+        return LearnerRestarted(self.name, generation, status["restored"])
+
+    def _wait_registered(self, timeout_s: float) -> dict:
+        """The coordinator's status once every rank of the current generation has registered (so what
+        they restored is known and agreed), or LearnerTimeout naming learner.start_timeout_s."""
         t0 = time.monotonic()
         while True:
-            res = ray.get(self.coordinator.get_results.remote(seq, 1.0))
-            if res is not None:
-                return res
             self._check_alive()
+            status = self._call(self.coordinator.status.remote(), "status")
+            if status["ready"]:
+                return status
+            if time.monotonic() - t0 > timeout_s:
+                ask = {"CPU": self.cfg.num_cpus, **({"GPU": 1} if self.cfg.use_gpu else {}), **self.cfg.resources}
+                started = sum(v["generation"] == status["generation"] for v in status["restored"].values())
+                raise LearnerTimeout(
+                    f"learner group {self.name!r}: {started} of {self.num_workers} learner ranks started "
+                    f"within learner.start_timeout_s={timeout_s:g} s (each asks {ask}); the cluster cannot place them now "
+                    f"(see `ray status`): free or add resources, lower learner.num_workers, or raise learner.start_timeout_s")
+            time.sleep(0.2)
+
+    def run(self, task_per_rank: list) -> list:
+        """Give tasks[r] to rank r; block until every rank returns; results in rank order.
+
+        Raises LearnerRestarted if the workers (or the coordinator) restarted since the last results
+        (the batch is then dropped: re-running it on restored weights would be a silent rollback),
+        and LearnerTimeout, naming `learner.task_timeout_s`, if the batch takes longer than that.
+        """
+        self._check_alive()
+        status = self._call(self.coordinator.status.remote(), "status")
+        seq = self._call(self.coordinator.put_task.remote(list(task_per_rank)), "put_task")
+        t0 = time.monotonic()
+        while True:
+            got = self._call(self.coordinator.get_results.remote(seq, 1.0), "get_results")
+            if got is not None:
+                kind, generation, results = got
+                status = self._call(self.coordinator.status.remote(), "status")
+                restarted = self._restarted(status, generation)
+                if restarted is not None or kind == "aborted":
+                    raise restarted or LearnerRestarted(self.name, generation, status["restored"])
+                return results
+            self._check_alive()
+            now = self._call(self.coordinator.status.remote(), "status")
+            if now["incarnation"] != status["incarnation"]:  # the coordinator restarted: this batch is gone
+                raise self._restarted(now, now["generation"]) or LearnerRestarted(self.name, now["generation"], now["restored"])
             if self.task_timeout_s is not None and time.monotonic() - t0 > self.task_timeout_s:
-                raise TimeoutError(f"learner group {self.name!r}: task batch {seq} took over {self.task_timeout_s} s")
+                raise LearnerTimeout(
+                    f"learner group {self.name!r}: task batch {seq} ({_describe(task_per_rank)}) did not finish within "
+                    f"{self.task_timeout_s:g} s on {self.num_workers} learner rank(s); raise learner.task_timeout_s if "
+                    "steps are this slow, else look for a hung rank (its worker log)")
 
     def checkpoint(self, name: str) -> str:
         """All ranks `save` into one Ray Train checkpoint `name` (unique per run); returns its directory.
@@ -267,14 +406,26 @@ class LearnerGroup:
         """Stop the workers, wait for fit() to return, drop the coordinator; re-raises a fit() error."""
         if self.coordinator is not None:
             try:
-                ray.get(self.coordinator.stop.remote())
+                ray.get(self.coordinator.stop.remote(), timeout=CONTROL_TIMEOUT_S)
             except Exception:
                 pass
         if self._thread is not None:
             self._thread.join(timeout_s)
         if self.coordinator is not None:
-            ray.kill(self.coordinator)
+            ray.kill(self.coordinator, no_restart=True)
             self.coordinator = None
         if self._error is not None:
             err, self._error = self._error, None
             raise RuntimeError(f"learner group {self.name!r} failed: {err}") from err
+
+
+def _describe(tasks: list) -> str:
+    """A short name for a task batch in errors: its first element's kind."""
+    t = tasks[0] if tasks else None
+    if isinstance(t, tuple) and t:
+        return repr(t[0])
+    if isinstance(t, dict):
+        return repr(t.get("op", sorted(t)[:1]))
+    if isinstance(t, str):
+        return repr(t[:40])
+    return type(t).__name__

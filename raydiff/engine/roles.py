@@ -12,45 +12,65 @@ import time
 from collections import deque
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayError
 
 from raydiff.engine.learner import Learner
-from raydiff.engine.rollout import BatchLost, RolloutWorker
+from raydiff.engine.rollout import RolloutWorker
 from raydiff.types import Trajectory
 
 log = logging.getLogger("raydiff.roles")
+RESTART_GRACE_S = 30.0  # how long a re-issue waits for a restarting worker before using another one
 
 
 class RolloutFailed(RuntimeError):
-    """A rollout batch failed inside its worker (not a lost worker: that batch is re-issued)."""
+    """A rollout batch could not be produced within `rollout.max_batch_retries` re-issues (or a weight update was rejected)."""
 
 
-def _rollout_failure(err: RayTaskError, req, epoch: int) -> RolloutFailed:
-    """A clear error for the driver: which batch, what failed, and the knobs for out-of-memory."""
+def _cause_text(err: BaseException) -> str:
     cause = getattr(err, "cause", None) or err
-    text = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
-    hint = ""
+    first = str(cause).splitlines()[0] if str(cause) else ""
+    return f"{type(cause).__name__}: {first}"
+
+
+def _rollout_failure(err: BaseException, req, epoch, attempts: int) -> RolloutFailed:
+    """A clear error for the driver: which batch, what failed last, the knobs."""
+    cause = getattr(err, "cause", None) or err
+    hint = " Raise rollout.max_batch_retries if the cluster loses nodes often."
     if "out of memory" in str(cause).lower() or type(cause).__name__ == "OutOfMemoryError":
         hint = (" The GPU ran out of memory: lower rollout.decode_chunk (VAE latents per call) or sampling.batch_size, "
                 "and compare with `raydiff plan CONFIG`.")
-    return RolloutFailed(f"rollout worker {req[0]} failed on its batch of epoch {epoch} ({len(req[1])} prompts, seed {req[2]}): {text}.{hint}")
+    elif isinstance(err, GetTimeoutError):
+        hint = " Raise rollout.task_timeout_s if batches are this slow."
+    where = f"epoch {epoch}" if epoch is not None else "a re-sample"
+    return RolloutFailed(f"rollout batch of worker {req[0]} ({where}, {len(req[1])} prompts, seed {req[2]}) failed "
+                         f"{attempts} time(s), last: {_cause_text(err)}.{hint}")
 
 
-def _wait_alive(actor, timeout_s: float = 300.0) -> None:
-    """Block until a (possibly restarting) actor answers."""
+def _wait_alive(actor, timeout_s: float) -> bool:
+    """True once a (possibly restarting) actor answers; False if it is dead for good or silent past `timeout_s`."""
     deadline = time.monotonic() + timeout_s
-    while True:
+    while time.monotonic() < deadline:
         try:
-            ray.get(actor.ready.remote(), timeout=timeout_s)
-            return
-        except RayActorError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+            ray.get(actor.ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
+            return True
+        except ActorDiedError:
+            return False  # out of restarts (or killed for good)
+        except (RayActorError, GetTimeoutError):
+            time.sleep(0.5)  # restarting
+    return False
 
 
 class RolloutGroup:
-    """N RolloutWorker actors; batches are dispatched per epoch and re-issued if an actor dies."""
+    """N RolloutWorker actors; batches are dispatched per epoch and re-issued when anything fails.
+
+    Fault policy: any RayError while fetching a batch (a task error such as a reward-service
+    error or CUDA OOM, a dead or restarting actor, ObjectLostError after a node loss,
+    OwnerDiedError) or a fetch past `rollout.task_timeout_s` (the worker is then restarted)
+    re-issues that batch, with the latest weights, on its worker once it is back, else on
+    another live one (a worker that does not come back is marked down and its share of each
+    epoch goes to live workers until it answers again); after `rollout.max_batch_retries` re-issues the run stops with
+    RolloutFailed naming the batch and the last error. Every weight update's answer is checked.
+    """
 
     def __init__(self, cfg, needs=None, worker_cls=RolloutWorker):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -68,14 +88,35 @@ class RolloutGroup:
             .remote(cfg, i, needs)
             for i in range(r.num_workers)
         ]
-        ray.get([a.ready.remote() for a in self.actors])
+        self.timeout_s, self.max_retries = r.task_timeout_s, r.max_batch_retries
+        ray.get([a.ready.remote() for a in self.actors], timeout=r.placement_timeout_s + r.task_timeout_s)
         self.pending: dict[int, list] = {}
         # Per worker, batches started whose `finish` is not issued yet: (epoch, index, key ref), FIFO.
         # At most `lag` stay open, so a worker holds at most lag + 1 batches awaiting scores.
         self.unfinished = [deque() for _ in self.actors]
         self.lag = r.max_scoring_in_flight - 1 if r.overlap_scoring else 0
         self.latest_update = None
+        self.acks: list[tuple[int, object]] = []  # (worker, ref of set_weights' answer) not yet checked
+        self.down: dict[int, object] = {}  # worker -> pending `ready` probe: not answering, its batches go elsewhere
         self.reissued = 0
+
+    def _live(self, worker: int) -> int:
+        """`worker`, or a live stand-in while it is down (its node lost, its restart not placed yet).
+        Sampling depends on the request's seed and the weights, not on the worker, so any worker will do."""
+        for i in list(self.down):  # a down worker is back once its probe answers
+            done, _ = ray.wait([self.down[i]], timeout=0)
+            if done:
+                try:
+                    ray.get(done[0])
+                    del self.down[i]
+                    if self.latest_update is not None:
+                        self.acks.append((i, self.actors[i].set_weights.remote(self.latest_update, True)))
+                except RayError:
+                    self.down[i] = self.actors[i].ready.remote()
+        if worker not in self.down:
+            return worker
+        live = [i for i in range(len(self.actors)) if i not in self.down]
+        return live[worker % len(live)] if live else worker
 
     def dispatch(self, epoch: int, requests: list[tuple[int, list[str], int]]) -> None:
         """Queue `start` for every request; `finish` of a worker's batch follows `lag` starts later (overlap)."""
@@ -83,7 +124,7 @@ class RolloutGroup:
             return
         self.pending[epoch] = entries = []
         for req in requests:
-            worker = req[0]
+            worker = self._live(req[0])
             entries.append([req, None])
             self.unfinished[worker].append((epoch, len(entries) - 1, self.actors[worker].start.remote(req[1], req[2])))
             while len(self.unfinished[worker]) > self.lag:
@@ -91,61 +132,116 @@ class RolloutGroup:
 
     def _issue_finish(self, worker: int) -> None:
         epoch, index, key_ref = self.unfinished[worker].popleft()
-        self.pending[epoch][index][1] = self.actors[worker].finish.remote(key_ref)
+        if epoch in self.pending:
+            self.pending[epoch][index][1] = self.actors[worker].finish.remote(key_ref)
+        else:  # dropped by reset(): still finish it, so the worker frees the batch
+            self.actors[worker].finish.remote(key_ref)
 
     def gather(self, epoch: int) -> list[Trajectory]:
         for worker, queue in enumerate(self.unfinished):  # this epoch's (and older) open batches: finish now
             while queue and queue[0][0] <= epoch:
                 self._issue_finish(worker)
-        out = []
-        for req, ref in self.pending.pop(epoch):
-            try:
-                out.append(ray.get(ref))
-            except RayActorError as e:
-                log.warning("rollout worker %d died (%s); re-issuing its batch", req[0], type(e).__name__)
-                out.append(self.regenerate(req))
-            except RayTaskError as e:
-                if isinstance(getattr(e, "cause", None), BatchLost):
-                    log.warning("rollout worker %d restarted after sampling; re-issuing its batch", req[0])
-                    out.append(self.regenerate(req))
-                    continue
-                failure = _rollout_failure(e, req, epoch)
-                log.error("%s", failure)
-                raise failure from e
+        out = [self._resolve(req, ref, epoch) for req, ref in self.pending.pop(epoch)]
+        self._check_acks()
         return out
 
-    def regenerate(self, req: tuple[int, list[str], int]) -> Trajectory:
-        """Sample `req` again on its worker (restarted if needed) with the latest weights."""
+    def _resolve(self, req, ref, epoch) -> Trajectory:
+        """The batch behind `ref`, re-issued (bounded) whenever fetching it fails."""
+        last: BaseException | None = None
+        for attempt in range(self.max_retries + 1):
+            try:
+                if ref is None:
+                    ref = self._reissue(req)
+                return ray.get(ref, timeout=self.timeout_s)
+            except GetTimeoutError as e:
+                last = e
+                log.warning("rollout worker %d: no batch within rollout.task_timeout_s=%g s; restarting it", req[0], self.timeout_s)
+                ray.kill(self.actors[self._live(req[0])], no_restart=False)
+            except RayError as e:
+                last = e
+                log.warning("rollout worker %d: batch failed (%s); re-issuing it (%d/%d)", req[0], _cause_text(e), attempt + 1, self.max_retries)
+            ref = None
+        failure = _rollout_failure(last, req, epoch, self.max_retries + 1)
+        log.error("%s", failure)
+        raise failure from last
+
+    def _reissue(self, req):
+        """Queue `req` again, with the latest weights, on its worker once alive, else on another live one."""
         worker, prompts, seed = req
-        actor = self.actors[worker]
-        for attempt in range(3):
-            try:
-                _wait_alive(actor)
-                if self.latest_update is not None:
-                    ray.get(actor.set_weights.remote(self.latest_update))
-                self.reissued += 1
-                return ray.get(actor.generate.remote(prompts, seed))
-            except RayActorError:
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        # Its own worker if it is back within a short grace (a restart on a live node takes seconds),
+        # else any live one; a worker that does not answer is marked down until its probe answers.
+        others = [i for i in range(len(self.actors)) if i != worker and i not in self.down]
+        order = others + [worker] if worker in self.down else [worker] + others
+        for i in order:
+            actor = self.actors[i]
+            if not _wait_alive(actor, min(self.timeout_s, RESTART_GRACE_S)):
+                self.down[i] = actor.ready.remote()
+                continue
+            self.down.pop(i, None)
+            if self.latest_update is not None:
+                ok = ray.get(actor.set_weights.remote(self.latest_update, True), timeout=self.timeout_s)
+                if not ok:
+                    raise RolloutFailed(f"rollout worker {i} rejected the latest weight update (checksum or order; see its log)")
+            self.reissued += 1
+            return actor.generate.remote(prompts, seed)
+        raise RolloutFailed(f"no rollout worker is alive to re-issue worker {worker}'s batch (rollout.max_restarts exhausted on all)")
 
-    def push_weights(self, update_ref) -> list:
-        """Queue the update on every actor behind its current batches (actor tasks run in order); refs of the swaps."""
+    def regenerate(self, req: tuple[int, list[str], int]) -> Trajectory:
+        """Sample `req` again (its worker, restarted if needed, else another) with the latest weights."""
+        return self._resolve(req, None, None)
+
+    def push_weights(self, update_ref, rewind: bool = False) -> list:
+        """Queue the update on every actor behind its current batches (actor tasks run in order);
+        `rewind`: an older version is expected (the learner restarted from a checkpoint). Refs of the swaps."""
         self.latest_update = update_ref
-        return [a.set_weights.remote(update_ref) for a in self.actors]
+        sent = [(i, a.set_weights.remote(update_ref, rewind)) for i, a in enumerate(self.actors)]
+        self.acks += sent
+        return [ref for _, ref in sent]
 
-    def checksums(self) -> list[tuple[int, str]]:
-        """(version, checksum) per worker after its queued updates; a restarted worker gets the latest update first."""
-        out = []
-        for a in self.actors:
+    def _check_acks(self) -> None:
+        """Answers of updates already applied: a rejected one stops the run (a dead actor gets the latest on re-issue)."""
+        if not self.acks:
+            return
+        done, _ = ray.wait([r for _, r in self.acks], num_returns=len(self.acks), timeout=0)
+        done = set(done)
+        keep = []
+        for worker, ref in self.acks:
+            if ref not in done:
+                keep.append((worker, ref))
+                continue
             try:
-                out.append(ray.get(a.weights_checksum.remote()))
-            except RayActorError:
-                _wait_alive(a)
+                ok = ray.get(ref)
+            except RayError:
+                continue  # the actor died: a restarted one is given the latest update before its next re-issue
+            if not ok:
+                raise RolloutFailed(f"rollout worker {worker} rejected a weight update (checksum or order; see its log)")
+        self.acks = keep
+
+    def reset(self) -> None:
+        """Forget every dispatched batch (after a learner restart rewound the run); workers still free them."""
+        self.pending.clear()
+        for worker in range(len(self.actors)):
+            while self.unfinished[worker]:
+                self._issue_finish(worker)
+
+    def checksums(self) -> list[tuple[int, str] | None]:
+        """(version, checksum) per worker after its queued updates; a restarted worker gets the latest update
+        first; None for a worker that is down (not answering within the restart grace)."""
+        out = []
+        for i, a in enumerate(self.actors):
+            if i in self.down:
+                out.append(None)
+                continue
+            try:
+                out.append(ray.get(a.weights_checksum.remote(), timeout=self.timeout_s))
+            except (RayActorError, GetTimeoutError):
+                if not _wait_alive(a, min(self.timeout_s, RESTART_GRACE_S)):
+                    self.down[i] = a.ready.remote()
+                    out.append(None)
+                    continue
                 if self.latest_update is not None:
-                    ray.get(a.set_weights.remote(self.latest_update))
-                out.append(ray.get(a.weights_checksum.remote()))
+                    ray.get(a.set_weights.remote(self.latest_update, True), timeout=self.timeout_s)
+                out.append(ray.get(a.weights_checksum.remote(), timeout=self.timeout_s))
         return out
 
     def probe_storage(self, uri: str, name: str) -> list[str]:

@@ -75,10 +75,13 @@ class RolloutWorker:
     def ready(self) -> int:
         return self.rank
 
-    def set_weights(self, update: dict) -> bool:
-        """Load {version, state, checksum} if it is newer and intact; otherwise log and keep the current weights."""
+    def set_weights(self, update: dict, rewind: bool = False) -> bool:
+        """Load {version, state, checksum} if it is newer (or `rewind`: the learner restarted from a
+        checkpoint) and intact; True if held already; otherwise log and keep the current weights."""
         version, state, checksum = update["version"], update["state"], update["checksum"]
-        if version <= self.version and self.version > 0:
+        if version == self.version and checksum == self.checksum:
+            return True
+        if version <= self.version and self.version > 0 and not rewind:
             log.error("rollout %d: rejected weight update v%d (have v%d): out of order", self.rank, version, self.version)
             return False
         actual = state_checksum(state)

@@ -25,6 +25,7 @@ from raydiff.console import epoch_summary, fmt
 from raydiff.engine import checkpoint as ckpt
 from raydiff.engine.buffer import StalenessGate
 from raydiff.engine.groups import EpochPlan, check_group_layout, plan_epoch
+from raydiff.engine.learner_group import LearnerRestarted
 from raydiff.engine.metrics import MetricsLogger
 from raydiff.engine.records import ExperienceWriter
 from raydiff.engine.roles import LearnerHandle, RolloutGroup
@@ -88,6 +89,9 @@ class Trainer:
         self.group_size = self.algorithm.needs.samples_per_prompt
         check_group_layout(self.group_size, cfg.sampling.batch_size, cfg.rollout.num_workers, cfg.train.batches_per_epoch,
                            group_wise_components(cfg.reward))
+        self.learner_restarts = 0
+        self.rewinds: list = []  # checkpoints the run was rewound to after learner restarts
+        self.restored_checksums: set = set()  # what the restarted ranks reported holding (last restart)
 
     # --- setup -------------------------------------------------------------
     def _start_roles(self) -> None:
@@ -101,6 +105,10 @@ class Trainer:
         check_feasible("learner", role_bundles(cfg.learner))
         if self.is_async:
             check_feasible("rollout", role_bundles(cfg.rollout))
+        # and, naming each role's demand and the cluster's total, if they never fit all at once.
+        from raydiff.engine.cluster.feasibility import check_run_fits, run_demands
+
+        check_run_fits(run_demands(cfg, self.is_async))
         if cfg.reward.backend == "serve":
             from raydiff.rewards.client import ensure_reward_service
 
@@ -178,22 +186,21 @@ class Trainer:
         self._resume()
         logger = MetricsLogger(self.storage, cfg.output.tensorboard, resume_step=self.start_epoch - 1 if self.start_epoch else None)
         self.records = ExperienceWriter(self.storage, self.start_epoch, cfg.output.record_tensors) if (self.is_async and cfg.output.experience_records) else None
+        if self.start_epoch == 0 and self._restartable():
+            self.save(-1)  # the initial state: a learner restart before the first checkpoint rewinds here
         if self.rollouts:
             self.rollouts.push_weights(self.learner.publish())
-        bar = tqdm(range(self.start_epoch, cfg.train.num_epochs), desc="epochs", disable=not cfg.output.progress)
+        bar = tqdm(total=cfg.train.num_epochs, initial=self.start_epoch, desc="epochs", disable=not cfg.output.progress)
+        epoch = self.start_epoch
         try:
-            for epoch in bar:
-                metrics, images, captions = self.train_epoch(epoch) if self.is_async else self.train_epoch_sync(epoch)
-                if cfg.train.verify_weights_every and (epoch + 1) % cfg.train.verify_weights_every == 0:
-                    metrics["policy/weights_consistent"] = self.verify_weights()
-                logger.log(epoch, metrics)
-                bar.set_postfix(reward=fmt(metrics.get("reward/mean")))
-                bar.write(epoch_summary(epoch, cfg.train.num_epochs, metrics))
-                if cfg.output.image_grid_every and epoch % cfg.output.image_grid_every == 0 and images is not None:
-                    logger.log_images(epoch, images[:16], captions[:16])
-                last = epoch == cfg.train.num_epochs - 1
-                if last or (cfg.output.checkpoint_every and (epoch + 1) % cfg.output.checkpoint_every == 0):
-                    self.save(epoch)
+            while epoch < cfg.train.num_epochs:
+                try:
+                    self._epoch(epoch, logger, bar)
+                except LearnerRestarted as restarted:
+                    epoch = self._rewind(restarted)
+                    continue
+                epoch += 1
+                bar.update(1)
         finally:
             logger.close()
             if self.records:
@@ -202,6 +209,53 @@ class Trainer:
                 self.rollouts.shutdown()
             self.learner.shutdown()
         return self.run_dir
+
+    def _epoch(self, epoch: int, logger, bar) -> None:
+        """One epoch: train, verify, log, checkpoint."""
+        cfg = self.cfg
+        metrics, images, captions = self.train_epoch(epoch) if self.is_async else self.train_epoch_sync(epoch)
+        if cfg.train.verify_weights_every and (epoch + 1) % cfg.train.verify_weights_every == 0:
+            metrics["policy/weights_consistent"] = self.verify_weights()
+        metrics["policy/learner_restarts"] = self.learner_restarts
+        logger.log(epoch, metrics)
+        bar.set_postfix(reward=fmt(metrics.get("reward/mean")))
+        bar.write(epoch_summary(epoch, cfg.train.num_epochs, metrics))
+        if cfg.output.image_grid_every and epoch % cfg.output.image_grid_every == 0 and images is not None:
+            logger.log_images(epoch, images[:16], captions[:16])
+        last = epoch == cfg.train.num_epochs - 1
+        if last or (cfg.output.checkpoint_every and (epoch + 1) % cfg.output.checkpoint_every == 0):
+            self.save(epoch)
+
+    def _restartable(self) -> bool:
+        """The learner can be restarted behind the driver's back (Ray Train max_failures > 0)."""
+        return hasattr(self.learner, "restart_point") and self.cfg.learner.max_failures > 0
+
+    def _rewind(self, restarted: "LearnerRestarted") -> int:
+        """The learner group restarted from its restart point: reset the driver to the same checkpoint
+        (policy version, algorithm state, epoch), drop batches in flight, resend the restored weights.
+        Returns the epoch to continue from. No silent rollback: the learner never trains on past the
+        driver's state."""
+        point = self.learner.restart_point
+        if point is None:
+            raise RuntimeError(f"{restarted}, but this run has no checkpoint to rewind to") from restarted
+        found = ckpt.checkpoint_of(point)
+        state = ckpt.load_driver_state(found)
+        for attempt in range(self.cfg.learner.max_failures + 1):
+            try:
+                self.learner.load(point)  # every rank on exactly that checkpoint, whatever it restored
+                break
+            except LearnerRestarted:  # restarted again while loading: load again
+                if attempt == self.cfg.learner.max_failures:
+                    raise
+        self.algorithm.load_state_dict(state["algorithm"])
+        self.learner_restarts += 1
+        self.rewinds.append(found)
+        self.restored_checksums = {v.get("checksum") for v in restarted.restored.values()}
+        log.warning("%s: rewound the run to %s (epoch %d, policy version %d)", restarted, found, state["epoch"] + 1, self.learner.version)
+        if self.rollouts:
+            self.rollouts.reset()
+            self.rollouts.push_weights(self.learner.publish(), rewind=True)
+        return state["epoch"] + 1
 
     def train_epoch(self, epoch: int):
         """Async algorithms: collect (dispatching up to S epochs ahead), prepare, learn, publish."""
@@ -219,7 +273,7 @@ class Trainer:
         if S == 0:  # publish -> every rollout worker swapped; the next batch waits for it anyway
             try:
                 ray.get(swaps)
-            except ray.exceptions.RayActorError:  # a lost worker gets the latest weights when its batch is re-issued
+            except ray.exceptions.RayError:  # a lost worker gets the latest weights when its batch is re-issued
                 pass
         t_sync = time.perf_counter() - t_sync  # S > 0: publish + enqueue (the swap waits behind batches in flight)
         metrics = self._epoch_metrics(batch, train_metrics, staleness, t_wait, t_sync, time.perf_counter() - t0)
@@ -249,7 +303,10 @@ class Trainer:
             if c != expected:
                 problems.append(f"learner rank {rank} differs")
         if self.rollouts:
-            for i, (version, c) in enumerate(self.rollouts.checksums()):
+            for i, got in enumerate(self.rollouts.checksums()):
+                if got is None:  # down (node lost): it is given the latest weights before it samples again
+                    continue
+                version, c = got
                 if c != expected:
                     problems.append(f"rollout worker {i} (v{version}) differs")
         if problems:
@@ -286,5 +343,23 @@ class Trainer:
             "time/reward_wait_s": batch.timings.get("reward_wait_s", 0.0),  # rollouts blocked on scores (GPU idle), summed
             "reward/round_trips": batch.timings.get("reward_calls", 0),  # reward-service calls made for this epoch's batches
             "throughput/samples_per_s": len(batch) / max(t_epoch, 1e-9),
+            "data/bytes_per_epoch": trajectory_bytes(batch),  # what the learner ranks received for this epoch
+            "data/samples_per_epoch": len(batch),
         })
         return m
+
+
+def trajectory_bytes(batch: Trajectory) -> int:
+    """Bytes of the tensors and arrays a trajectory batch carries (what moves from rollouts to learners)."""
+    def size(v) -> int:
+        if isinstance(v, torch.Tensor):
+            return v.numel() * v.element_size()
+        if isinstance(v, np.ndarray):
+            return v.nbytes
+        if isinstance(v, dict):
+            return sum(size(x) for x in v.values())
+        if hasattr(v, "__dataclass_fields__"):
+            return sum(size(getattr(v, f)) for f in v.__dataclass_fields__)
+        return 0
+
+    return size(batch)
