@@ -90,7 +90,7 @@ def sample_flow(
     n = len(prompts)
     traj = Trajectory(
         prompts=list(prompts),
-        latents=torch.stack(xs, dim=1).float().cpu(),
+        latents=torch.stack(xs, dim=1).cpu(),  # the sampling dtype (bf16 on GPU): exactly what each step consumed
         timesteps=steps.cpu(),
         log_probs=torch.stack(log_probs, dim=1).float().cpu(),
         cond=cond.to("cpu"),
