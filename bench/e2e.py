@@ -210,6 +210,7 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1, help="torch threads: the baseline's, and each raydiff role's")
     p.add_argument("--device", default="cpu")
     p.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for both sides")
+    p.add_argument("--json", action="store_true", help="also print the result as one `JSON {...}` line (bench/gpu/suite.py reads it)")
     p.add_argument("--plot", default=None, help="write reward vs wall-clock (from the end of epoch 0) of every run here (PNG)")
     args = p.parse_args(argv)
     args.device = pick_device(args.device)
@@ -252,6 +253,10 @@ def main(argv=None) -> dict:
                   "wall-clock since the end of epoch 0 [s]", "reward/mean")
         result["plot"] = args.plot
     print(f"  plot: {args.plot}")
+    if args.json:
+        import json
+
+        print("JSON " + json.dumps({**result, "ratio": round(ratio, 4)}, default=str))
     print(f"RATIO e2e_vs_single_process {ratio:.3f}")
     return {**result, "ratio": ratio}
 

@@ -115,7 +115,7 @@ def build_model(arch: str, resolution: int | None, dtype: str, device: str, lora
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                           set_alpha_to_one=False, steps_offset=1)
     res = resolution or a["resolution"]
-    model = DiffusionModel(kind="sdxl" if "sdxl" in arch else "sd", unet=unet, vae=vae, text_encoders=[], tokenizers=[],
+    model = DiffusionModel(kind="sdxl" if "sdxl" in arch else "sd", denoiser=unet, vae=vae, text_encoders=[], tokenizers=[],
                            scheduler=sched, resolution=res, device=torch.device(device), dtype=dt, source=f"random:{arch}")
     if lora_rank:
         from peft import LoraConfig

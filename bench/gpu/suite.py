@@ -71,10 +71,12 @@ def e2e_case(dry: bool, out: Path) -> list[dict]:
     if not e2e.exists():
         print("[e2e] bench/e2e.py not present: skipped", flush=True)
         return []
-    cmd = [sys.executable, str(e2e), "--json"] + ([] if dry else ["--device", "cuda"])
+    size = (["--epochs", "2", "--repeats", "1", "--steps", "2", "--batch", "2", "--batches-per-epoch", "1"] if dry
+            else ["--sd15-shapes", "--device", "cuda", "--steps", "20", "--batch", "8", "--epochs", "3", "--repeats", "2"])
+    cmd = [sys.executable, str(e2e), "--json", "--threads", "1"] + size
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, timeout=60 if not dry else 120, capture_output=True, text=True, cwd=ROOT)
+        proc = subprocess.run(cmd, timeout=150 if not dry else 300, capture_output=True, text=True, cwd=ROOT)
         lines = [ln[5:] for ln in proc.stdout.splitlines() if ln.startswith("JSON ")]
         res = json.loads(lines[-1]) if lines else {}
         status = "ok" if proc.returncode == 0 and res else f"failed rc={proc.returncode}"
