@@ -3,7 +3,8 @@
 Joins the cluster in RAY_ADDRESS, trains, and writes under OUT (a folder the test reads):
   roles.json   once the first epoch is logged: the node id of every rollout worker and learner rank,
   result.json  at the end: metrics rows, learner restarts, checkpoints rewound to, final weights' checksum.
-The test stops nodes in between (by process group); this driver only observes.
+The test stops nodes in between (by process group). Once roles.json is out, the next epoch waits until
+the test writes OUT/go (after its fault), so a fast machine cannot finish the run before the fault lands.
 """
 
 from __future__ import annotations
@@ -39,12 +40,29 @@ def _watch(trainer: Trainer, out: Path) -> None:
     (out / "roles.json.tmp").rename(out / "roles.json")
 
 
+def _hold_after_roles(trainer: Trainer, out: Path, timeout_s: float = 600) -> None:
+    """Epochs after roles.json wait for OUT/go: the fault always lands mid-run, whatever the machine's speed."""
+    epoch_fn = trainer.train_epoch
+
+    def held(epoch: int):
+        if (out / "roles.json").is_file():
+            deadline = time.time() + timeout_s
+            while not (out / "go").is_file():
+                if time.time() > deadline:
+                    raise TimeoutError(f"the test wrote no {out / 'go'} within {timeout_s} s")
+                time.sleep(0.2)
+        return epoch_fn(epoch)
+
+    trainer.train_epoch = held
+
+
 def main() -> None:
     out, config, overrides = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
     out.mkdir(parents=True, exist_ok=True)
     ray.init()
     trainer = Trainer(load_config(config, overrides))
     threading.Thread(target=_watch, args=(trainer, out), daemon=True).start()
+    _hold_after_roles(trainer, out)
     trainer.run()
     weights = torch.load(ckpt.latest_checkpoint(trainer.run_dir) / "learner" / "learner.pt", weights_only=False)["weights"]
     result = {"rows": read_metrics(trainer.run_dir), "learner_restarts": trainer.learner_restarts,

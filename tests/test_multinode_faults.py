@@ -84,6 +84,7 @@ def rollout_node_lost(cluster, tmp_path_factory, tiny_sd):
         victim = _node_of(cluster, roles["rollout"][0])
         stop_group(victim.proc)  # the node, by its process group: raylet and every worker on it
         cluster.nodes.remove(victim)
+        (out / "go").write_text("")  # the driver's next epoch runs only now (tests/_fault_driver.py)
         return roles, _finish(proc, out)
     finally:
         if proc.poll() is None:
@@ -121,6 +122,7 @@ def test_lost_learner_node_restarts_on_a_replacement_and_rewinds(cluster, tmp_pa
         stop_group(cluster.learner_node.proc)
         cluster.nodes.remove(cluster.learner_node)
         cluster.learner_node = cluster.add_node(num_cpus=2, resources={"learner": 2})  # the replacement
+        (out / "go").write_text("")  # the driver's next epoch runs only now (tests/_fault_driver.py)
         result = _finish(proc, out)
     finally:
         if proc.poll() is None:

@@ -101,8 +101,8 @@ def _working_dir_outputs(cluster) -> list[str]:
         for pkg in Path(node.temp_dir).glob("session_*/runtime_resources/working_dir_files/*"):
             for f in pkg.rglob("*"):
                 rel = f.relative_to(pkg).as_posix()
-                if rel.startswith("runs") or f.name in ("metrics.jsonl", "MANIFEST.json", "driver.pt") \
-                        or f.suffix == ".parquet" or "tfevents" in f.name:
+                if f.is_file() and (rel.startswith("runs") or f.name in ("metrics.jsonl", "MANIFEST.json", "driver.pt")
+                                    or f.suffix == ".parquet" or "tfevents" in f.name):
                     found.append(str(f))
     return found
 
