@@ -125,6 +125,7 @@ class RolloutGroup:
         self.pending[epoch] = entries = []
         for req in requests:
             worker = self._live(req[0])
+            self.reissued += worker != req[0]  # a down worker's batch sent to a stand-in counts as re-issued
             entries.append([req, None])
             self.unfinished[worker].append((epoch, len(entries) - 1, self.actors[worker].start.remote(req[1], req[2])))
             while len(self.unfinished[worker]) > self.lag:
