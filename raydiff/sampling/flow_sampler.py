@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from raydiff.sampling.sampler import decode_images, initial_noise, predict_noise
+from raydiff.sampling.sampler import collect_trajectory, initial_noise, predict_noise
 from raydiff.sampling.steps.flow_sde import flow_sde_step
 from raydiff.types import Conditioning, Trajectory
 
@@ -86,21 +86,8 @@ def sample_flow(
         if keep_noise:
             z = (x.float() - out.mean) / out.std if levels[i] > 0 else torch.zeros_like(x_prev, dtype=torch.float32)
             noise_all.append(z)
-    images = decode_images(model, x, decode_chunk)
-    n = len(prompts)
-    traj = Trajectory(
-        prompts=list(prompts),
-        latents=torch.stack(xs, dim=1).cpu(),  # the sampling dtype (bf16 on GPU): exactly what each step consumed
-        timesteps=steps.cpu(),
-        log_probs=torch.stack(log_probs, dim=1).float().cpu(),
-        cond=cond.to("cpu"),
-        images=images,
-        version=version,
-        num_steps=num_steps,
-        guidance_scale=guidance_scale,
-        eta=noise_level,
-    )
-    traj.extras["noise_level"] = torch.tensor(levels, dtype=torch.float32).expand(n, -1).clone()
+    traj = collect_trajectory(model, prompts, xs, steps, log_probs, cond, decode_chunk, version, guidance_scale, noise_level)
+    traj.extras["noise_level"] = torch.tensor(levels, dtype=torch.float32).expand(len(prompts), -1).clone()
     if keep_x0:
         traj.extras["x0_pred"] = torch.stack(x0_all, dim=1).cpu()
     if keep_noise:

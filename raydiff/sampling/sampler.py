@@ -128,19 +128,7 @@ def sample(
             # The realised standard-normal draw of the *stored* x_{t-1} (rounded to the sample dtype):
             # (x_{t-1} − μ)/σ, so −z²/2 − log σ − ½ log 2π is exactly the per-element log-density scored.
             noise_all.append(((x.float() - out.mean.float()) / out.std.float()))
-    images = decode_images(model, x, decode_chunk)
-    traj = Trajectory(
-        prompts=list(prompts),
-        latents=torch.stack(xs, dim=1).cpu(),  # the sampling dtype (bf16 on GPU): exactly what each step consumed
-        timesteps=steps.cpu(),
-        log_probs=torch.stack(log_probs, dim=1).float().cpu(),
-        cond=cond.to("cpu"),
-        images=images,
-        version=version,
-        num_steps=num_steps,
-        guidance_scale=guidance_scale,
-        eta=eta,
-    )
+    traj = collect_trajectory(model, prompts, xs, steps, log_probs, cond, decode_chunk, version, guidance_scale, eta)
     if keep_eps:
         traj.extras["eps"] = torch.stack(eps_all, dim=1).cpu()
     if keep_x0:
@@ -148,3 +136,19 @@ def sample(
     if noise_all:
         traj.extras["noise"] = torch.stack(noise_all, dim=1).cpu()
     return traj
+
+
+def collect_trajectory(model, prompts, xs, steps, log_probs, cond, decode_chunk, version, guidance_scale, eta) -> Trajectory:
+    """Decode the last latent and pack a sampling loop's per-step lists into a CPU Trajectory (DDIM and flow alike)."""
+    return Trajectory(
+        prompts=list(prompts),
+        latents=torch.stack(xs, dim=1).cpu(),  # the sampling dtype (bf16 on GPU): exactly what each step consumed
+        timesteps=steps.cpu(),
+        log_probs=torch.stack(log_probs, dim=1).float().cpu(),
+        cond=cond.to("cpu"),
+        images=decode_images(model, xs[-1], decode_chunk),
+        version=version,
+        num_steps=len(xs) - 1,
+        guidance_scale=guidance_scale,
+        eta=eta,
+    )
