@@ -55,27 +55,13 @@ def test_prompt_sets():
 
 def make_tiny_checkpoint(tiny_sd: str, run_dir):
     """A run dir with one checkpoint: LoRA B perturbed so the policy differs from its base."""
-    import torch
+    from _checkpoints import perturbed_lora_checkpoint
 
     from raydiff.config import load_config, to_yaml
-    from raydiff.models.loader import load_model
-    from raydiff.models.lora import export_weights, trainable_state_dict
 
     cfg = load_config(None, [f"model.path={tiny_sd}", "model.lora.rank=4", "model.lora.alpha=4",
                              "sampling.num_steps=3", "sampling.guidance_scale=2.0"])
-    torch.manual_seed(0)
-    model = load_model(cfg.model)
-    with torch.no_grad():
-        for n, p in model.unet.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
-    step = run_dir / "checkpoints" / "step_000000"
-    (step / "learner").mkdir(parents=True)
-    torch.save({"weights": trainable_state_dict(model.unet), "version": 1}, step / "learner" / "learner.pt")
-    export_weights(model, step / "learner" / "export")
-    (step / "config.yaml").write_text(to_yaml(cfg))
-    (step / "COMPLETE").write_text("0")
-    return step
+    return perturbed_lora_checkpoint(run_dir, cfg.model, to_yaml(cfg))
 
 
 @pytest.fixture(scope="module")

@@ -111,26 +111,14 @@ def test_sde_window_is_checked():
 def _sd3_checkpoint(run_dir):
     """A run dir with one tiny-SD3 checkpoint (LoRA B perturbed): learner.pt, the diffusers export, config.yaml."""
     import yaml
+    from _checkpoints import perturbed_lora_checkpoint
 
     from raydiff.config import SamplingSection
-    from raydiff.models.lora import trainable_state_dict
 
     model_cfg = ModelSection(path="tiny://sd3", lora={"rank": 4, "alpha": 4})
-    torch.manual_seed(0)
-    model = load_model(model_cfg)
-    with torch.no_grad():
-        for n, p in model.denoiser.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
-    step = run_dir / "checkpoints" / "step_000000"
-    (step / "learner").mkdir(parents=True)
-    torch.save({"weights": trainable_state_dict(model.denoiser), "version": 1}, step / "learner" / "learner.pt")
-    export_weights(model, step / "learner" / "export")
     sampling = SamplingSection(num_steps=2, eval_num_steps=4, guidance_scale=3.0)
-    (step / "config.yaml").write_text(yaml.safe_dump({"model": model_cfg.model_dump(mode="json"),
-                                                      "sampling": sampling.model_dump(mode="json")}))
-    (step / "COMPLETE").write_text("0")
-    return step
+    return perturbed_lora_checkpoint(run_dir, model_cfg, yaml.safe_dump({"model": model_cfg.model_dump(mode="json"),
+                                                                          "sampling": sampling.model_dump(mode="json")}))
 
 
 def test_eval_sd3_export_matches_learner_pt(ray_cluster, serve_rewards, tmp_path):
