@@ -1,8 +1,5 @@
 """Groups stay whole on a real local Ray cluster: a rollout actor is killed mid-run, then the run resumes."""
 
-import threading
-import time
-
 import pytest
 import ray
 
@@ -17,27 +14,33 @@ OVERRIDES = ["output.progress=false", "learner.engine=torch", "sampling.batch_si
              "output.image_grid_every=0"]
 
 
-def _kill_rollout_after_first_epoch(run_dir, done: threading.Event, killed: list):
-    while not done.is_set():
-        if read_metrics(run_dir) and not killed:
-            actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("raydiff-rollout-")]
-            if actors:
-                ray.kill(ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"]), no_restart=False)
-                killed.append(actors[0]["name"])
-        time.sleep(0.3)
+def _kill_rollout_when_epoch_dispatched(trainer: Trainer, epoch: int, killed: list) -> None:
+    """Kill rollout worker 0 (Ray restarts it) right after `epoch`'s batches are queued on it: the kill always
+    lands on batches in flight, however fast the machine (a watcher thread polling metrics could miss them)."""
+    train_epoch = trainer.train_epoch
+
+    def train_epoch_with_kill(e: int):
+        if trainer.rollouts.dispatch.__name__ == "dispatch":
+            dispatch = trainer.rollouts.dispatch
+
+            def dispatch_then_kill(at: int, requests):
+                dispatch(at, requests)
+                if at == epoch and not killed:
+                    ray.kill(trainer.rollouts.actors[0], no_restart=False)
+                    killed.append(at)
+
+            trainer.rollouts.dispatch = dispatch_then_kill
+        return train_epoch(e)
+
+    trainer.train_epoch = train_epoch_with_kill
 
 
 @pytest.mark.slow
 def test_groups_survive_actor_kill_and_resume(ray_cluster, tmp_path):
     cfg = load_config("configs/tiny_flow_grpo.yaml", [f"output.run_dir={tmp_path}", "train.num_epochs=3", *OVERRIDES])
-    done, killed = threading.Event(), []
-    watcher = threading.Thread(target=_kill_rollout_after_first_epoch, args=(tmp_path, done, killed))
-    watcher.start()
-    try:
-        Trainer(cfg).run()
-    finally:
-        done.set()
-        watcher.join()
+    trainer, killed = Trainer(cfg), []
+    _kill_rollout_when_epoch_dispatched(trainer, 2, killed)
+    trainer.run()
     assert killed, "run ended before a rollout actor could be killed"
     first = read_metrics(tmp_path)
     assert first[-1]["policy/reissued_batches"] >= 1
