@@ -1,1 +1,1 @@
-"""Cluster-facing checks: the memory plan (plan.py) and its meta-device building blocks."""
+"""Cluster-facing checks: placement of roles, node shapes the cluster offers, run feasibility, the memory plan."""

@@ -1,0 +1,1 @@
+"""Rollout side: the worker actor that samples and scores, the restartable group the driver drives."""
