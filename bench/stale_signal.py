@@ -78,8 +78,8 @@ def main(argv=None) -> dict:
     p.add_argument("--extra", nargs="*", default=[])
     args = p.parse_args(argv)
     from raydiff.config import load_config
-    from raydiff.engine.learner import Learner
-    from raydiff.engine.rollout import RolloutWorker
+    from raydiff.engine.learners.learner import Learner
+    from raydiff.engine.rollouts.worker import RolloutWorker
     from raydiff.prompts import load_prompts
 
     torch.set_num_threads(1)

@@ -26,9 +26,10 @@ from _common import machine, model_flags, report, spread  # noqa: E402
 def measure(finetune: str, args) -> dict:
     import ray
 
-    from raydiff.config import load_config
-    from raydiff.engine.roles import LearnerHandle, RolloutGroup
     from raydiff.algorithms.registry import make_algorithm
+    from raydiff.config import load_config
+    from raydiff.engine.learners.handle import LearnerHandle
+    from raydiff.engine.rollouts.group import RolloutGroup
 
     ov = [f"model.path={args.model}", f"model.finetune={finetune}", f"sampling.num_steps={args.steps}",
           f"sampling.batch_size={args.batch}", f"algorithm.train_batch_size={args.batch}", "learner.engine=torch",

@@ -1,7 +1,7 @@
 """Install-time check that the heavy imports work, so the first run or test does not fail late.
 
 DeepSpeed needs no JIT-compiled op here: the optimizer is torch AdamW (`torch_adam`) and the
-CPU shm comm op is skipped (`raydiff/engine/deepspeed_stepper.py`); importing DeepSpeed once
+CPU shm comm op is skipped (`raydiff/engine/learners/deepspeed_stepper.py`); importing DeepSpeed once
 also primes its accelerator detection and Python caches.
 """
 

@@ -81,7 +81,7 @@ HEAD: list = []  # the blocking `ray start --head` process, once started
 
 
 def main(tmpdir: str) -> dict:
-    from raydiff.engine.placement import PlacementError, check_feasible, create_placement_group
+    from raydiff.engine.cluster.placement import PlacementError, check_feasible, create_placement_group
 
     t0 = time.time()
     report: dict = {"events": []}

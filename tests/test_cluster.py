@@ -239,7 +239,7 @@ def test_crd_validation_catches_mistakes():
 
 
 def test_role_bundles_from_sections():
-    from raydiff.engine.placement import PlacementError, role_bundles
+    from raydiff.engine.cluster.placement import PlacementError, role_bundles
 
     rollout = NS(num_workers=2, num_gpus=1.0, num_cpus=4.0, resources={"rollout": 1})
     assert role_bundles(rollout) == [{"CPU": 4.0, "GPU": 1.0, "rollout": 1.0}] * 2
@@ -252,7 +252,7 @@ def test_role_bundles_from_sections():
 
 def test_role_bundles_from_run_config():
     config = pytest.importorskip("raydiff.config", reason="raydiff.config not importable yet", exc_type=ImportError)
-    from raydiff.engine.placement import role_bundles
+    from raydiff.engine.cluster.placement import role_bundles
 
     rollout = config.RolloutSection(num_workers=2, num_gpus=0.5, num_cpus=2, resources={"rollout": 1})
     learner = config.LearnerSection(num_workers=1, use_gpu=True, resources={"learner": 1})
@@ -261,7 +261,7 @@ def test_role_bundles_from_run_config():
 
 
 def test_node_types_from_launcher_yaml():
-    from raydiff.engine.placement import _shapes_from_autoscaler_config
+    from raydiff.engine.cluster.shapes import _shapes_from_autoscaler_config
 
     config = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
     shapes = {s.name: s for s in _shapes_from_autoscaler_config(config)}
@@ -284,7 +284,7 @@ def cpu_ray():
 
 
 def test_check_feasible_refuses_gpus_on_cpu_cluster(cpu_ray):
-    from raydiff.engine.placement import PlacementError, check_feasible, create_placement_group, role_bundles
+    from raydiff.engine.cluster.placement import PlacementError, check_feasible, create_placement_group, role_bundles
 
     bundles = role_bundles(NS(num_workers=2, num_gpus=1, num_cpus=1, resources={}))
     t0 = time.monotonic()
@@ -307,7 +307,7 @@ def test_check_feasible_refuses_gpus_on_cpu_cluster(cpu_ray):
 
 
 def test_check_feasible_with_node_types(cpu_ray):
-    from raydiff.engine.placement import PlacementError, check_feasible
+    from raydiff.engine.cluster.placement import PlacementError, check_feasible
 
     gpu_type = [{"name": "rollout_l4", "resources": {"CPU": 8, "GPU": 1, "rollout": 1}, "max_workers": 2}]
     check_feasible("rollout", [{"CPU": 1, "GPU": 1, "rollout": 1}] * 2, node_types=gpu_type)
@@ -322,7 +322,7 @@ def test_check_feasible_with_node_types(cpu_ray):
 
 def test_create_placement_group_and_timeout(cpu_ray):
     import ray
-    from raydiff.engine.placement import PlacementError, create_placement_group
+    from raydiff.engine.cluster.placement import PlacementError, create_placement_group
 
     free = ray.available_resources().get("CPU", 0)
     if free < 1:

@@ -6,8 +6,8 @@ import torch
 
 from raydiff.algorithms.ddpo import PerPromptStats, ppo_clipped_loss
 from raydiff.config import load_config
-from raydiff.engine.learner import Learner
-from raydiff.engine.rollout import RolloutWorker
+from raydiff.engine.learners.learner import Learner
+from raydiff.engine.rollouts.worker import RolloutWorker
 
 
 def test_ppo_loss_hand_computed():

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from raydiff.config import LearnerSection, ModelSection
-from raydiff.engine.deepspeed_stepper import DeepSpeedStepper, deepspeed_config
+from raydiff.engine.learners.deepspeed_stepper import DeepSpeedStepper, deepspeed_config
 
 # Ray workers cannot import pytest's test modules by name: ship this module's classes by value.
 import ray.cloudpickle  # noqa: E402
@@ -109,7 +109,7 @@ class TwoNetLearner:
         self.stepper = DeepSpeedStepper(self.net, groups, cfg, accumulation_steps=1)
 
     def run_task(self, task: dict):
-        from raydiff.engine.deepspeed_stepper import _inner_torch_optimizer
+        from raydiff.engine.learners.deepspeed_stepper import _inner_torch_optimizer
 
         x = torch.as_tensor(task["x"])
         loss = (self.net["policy"](x) + self.net["flow"](task["scale"] * x)).sum()
@@ -128,7 +128,7 @@ class TwoNetLearner:
 def test_per_group_clipping_and_idle_group_untouched(ray_cluster, tmp_path, stage):
     """Each group is clipped by its own norm (DeepSpeed's is one global norm); a step of one group leaves
     the other's weights and Adam moments bit-identical; no NaN norm."""
-    from raydiff.engine.learner_group import LearnerGroup
+    from raydiff.engine.learners.group import LearnerGroup
 
     group = LearnerGroup(functools.partial(TwoNetLearner, stage=stage), LearnerSection(num_workers=2, num_cpus=1),
                          storage_path=str(tmp_path), name=f"twonet{stage}", max_failures=0).start()
@@ -170,7 +170,7 @@ def test_deepspeed_config_merges_overrides():
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_learner_in_ray_train(ray_cluster, tiny_sd, tmp_path, stage):
-    from raydiff.engine.learner_group import LearnerGroup, LearnerRestarted
+    from raydiff.engine.learners.group import LearnerGroup, LearnerRestarted
     from raydiff.models.loader import load_model
     from raydiff.models.lora import trainable_state_dict
 
@@ -245,7 +245,7 @@ def test_restart_voids_every_pre_restart_result(ray_cluster):
     flight is dropped, the driver is told, and a stale result never overwrites a fresh one."""
     import ray
 
-    from raydiff.engine.learner_group import Coordinator
+    from raydiff.engine.learners.group import Coordinator
 
     c = Coordinator.remote(2)
     try:

@@ -9,9 +9,9 @@ import torch
 from raydiff.algorithms.diffinstruct_pp import Config, DiffInstructPP
 from raydiff.config import LearnerSection, ModelSection, RewardSection, SamplingSection
 from raydiff.engine import checkpoint as ckpt
-from raydiff.engine.learner import Learner
+from raydiff.engine.learners.learner import Learner
 from raydiff.engine.metrics import read_metrics
-from raydiff.engine.optim import TorchStepper
+from raydiff.engine.learners.optim import TorchStepper
 from raydiff.models.loader import load_model
 from raydiff.models.one_step import OneStepPipeline, one_step_x0
 from raydiff.sampling.conditioning import encode_prompts

@@ -15,9 +15,9 @@ import torch
 from raydiff.config import load_config
 from raydiff.engine import checkpoint as ckpt
 from raydiff.engine.metrics import read_metrics
-from raydiff.engine.placement import PlacementError
+from raydiff.engine.cluster.placement import PlacementError
 from raydiff.engine.records import read_experience
-from raydiff.engine.rollout import RolloutWorker
+from raydiff.engine.rollouts.worker import RolloutWorker
 from raydiff.engine.trainer import Trainer
 from raydiff.models.lora import state_checksum, trainable_state_dict
 

@@ -18,7 +18,7 @@ import ray.cloudpickle
 
 from raydiff.algorithms.registry import make_algorithm
 from raydiff.config import LearnerSection, load_config
-from raydiff.engine.rollout import RolloutWorker
+from raydiff.engine.rollouts.worker import RolloutWorker
 
 ROOT = Path(__file__).resolve().parents[1]
 ASYNC = str(ROOT / "configs" / "tiny_ddpo_async.yaml")
@@ -44,7 +44,7 @@ def _tiny_rollout_cfg(tiny_sd, *extra):
 
 
 def test_rollout_task_error_reissues_the_batch(ray_cluster, tiny_sd):
-    from raydiff.engine.roles import RolloutGroup
+    from raydiff.engine.rollouts.group import RolloutGroup
 
     cfg = _tiny_rollout_cfg(tiny_sd)
     group = RolloutGroup(cfg, make_algorithm(cfg.algorithm, cfg.sampling).needs, worker_cls=FailsFirstStart)
@@ -71,7 +71,7 @@ class HangsOnDemand:
 
 
 def test_learner_task_that_never_returns_times_out_naming_the_role(ray_cluster, tmp_path):
-    from raydiff.engine.learner_group import LearnerGroup, LearnerTimeout
+    from raydiff.engine.learners.group import LearnerGroup, LearnerTimeout
 
     group = LearnerGroup(HangsOnDemand, LearnerSection(num_workers=1, num_cpus=1, task_timeout_s=3),
                          storage_path=str(tmp_path), name="hangs").start().wait_ready(300)
@@ -87,7 +87,7 @@ def test_learner_task_that_never_returns_times_out_naming_the_role(ray_cluster, 
 
 def test_roles_that_fit_alone_but_not_together_fail_at_start(ray_cluster):
     from raydiff.engine.cluster.feasibility import FeasibilityError, check_run_fits, run_demands
-    from raydiff.engine.placement import check_feasible, role_bundles
+    from raydiff.engine.cluster.placement import check_feasible, role_bundles
 
     total_cpus = ray_cluster.cluster_resources()["CPU"]
     n = int(total_cpus // 2) + 1  # each role alone fits; together they need 2n > total

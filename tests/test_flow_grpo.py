@@ -7,8 +7,8 @@ import torch
 from raydiff.algorithms.flow_grpo import FlowGRPO
 from raydiff.config import load_config
 from raydiff.config_base import ConfigError
-from raydiff.engine.learner import Learner
-from raydiff.engine.rollout import RolloutWorker
+from raydiff.engine.learners.learner import Learner
+from raydiff.engine.rollouts.worker import RolloutWorker
 
 CONFIG = "configs/tiny_flow_grpo.yaml"
 

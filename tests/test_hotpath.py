@@ -3,7 +3,7 @@
 import torch
 
 from raydiff.config import ModelSection
-from raydiff.engine.policy import Policy
+from raydiff.sampling.policy import Policy
 from raydiff.models.loader import load_model
 from raydiff.sampling.conditioning import encode_prompts
 from raydiff.sampling.sampler import sample

@@ -43,7 +43,7 @@ class CrashingLearner(TinyLearner):
 
 @pytest.mark.slow
 def test_every_restart_restores_the_same_weights_on_every_rank(ray_cluster, tiny_sd, tmp_path):
-    from raydiff.engine.learner_group import LearnerGroup, LearnerRestarted
+    from raydiff.engine.learners.group import LearnerGroup, LearnerRestarted
 
     burner = subprocess.Popen([sys.executable, "-c", BURN], start_new_session=True)
     group = LearnerGroup(functools.partial(CrashingLearner, model_path=tiny_sd, stage=2),

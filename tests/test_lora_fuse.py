@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from raydiff.config import ModelSection, load_config
-from raydiff.engine.rollout import RolloutWorker
+from raydiff.engine.rollouts.worker import RolloutWorker
 from raydiff.models.loader import load_model
 from raydiff.models.lora import state_checksum, trainable_state_dict
 from raydiff.models.lora_fuse import RolloutWeights

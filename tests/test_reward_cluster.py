@@ -184,7 +184,7 @@ def test_gpu_configs_put_rewards_on_reward_nodes(launcher):
     autoscaling ceiling fits that type's max_workers (so the autoscaler can launch what Serve asks for)."""
     import yaml
 
-    from raydiff.engine.placement import _fits, _shapes_from_autoscaler_config, role_bundles
+    from raydiff.engine.cluster.placement import _fits, _shapes_from_autoscaler_config, role_bundles
 
     with open(os.path.join(REPO, "cluster", launcher)) as f:
         shapes = _shapes_from_autoscaler_config(yaml.safe_load(f))

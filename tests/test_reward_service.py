@@ -335,7 +335,7 @@ def test_owned_app_reuse_replace_and_delete_on_failure(svc, tmp_path):
     h2.delete_owned_app()
     assert "own-app" not in serve.status().applications
     # A reward no node could ever hold fails at once naming the field, instead of serve.run waiting forever.
-    from raydiff.engine.placement import PlacementError
+    from raydiff.engine.cluster.placement import PlacementError
 
     with pytest.raises(PlacementError, match=r"remove 'reward' from reward.components\[0\].resources"):
         ensure_reward_service([{**comp, "resources": {"reward": 1}}], app_name="nowhere-app")

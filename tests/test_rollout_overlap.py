@@ -20,7 +20,7 @@ import torch
 
 from raydiff.algorithms.registry import make_algorithm
 from raydiff.config import load_config
-from raydiff.engine.rollout import RolloutWorker
+from raydiff.engine.rollouts.worker import RolloutWorker
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_SDXL = ROOT / "raydiff" / "models" / "architectures" / "sdxl"
@@ -110,7 +110,7 @@ def test_scoring_failure_resends_scores_not_samples(tiny_sd):
 def _wait_and_bound(ray_cluster, cfg, needs, overlap: bool):
     import ray
 
-    from raydiff.engine.roles import RolloutGroup
+    from raydiff.engine.rollouts.group import RolloutGroup
 
     cfg = cfg.model_copy(deep=True)
     cfg.rollout.overlap_scoring = overlap
@@ -142,7 +142,7 @@ def test_overlap_lowers_reward_wait_with_served_rewards(ray_cluster, serve_rewar
 
 
 def test_failing_rollout_batch_is_a_clear_error_in_the_driver(ray_cluster, tiny_sd):
-    from raydiff.engine.roles import RolloutFailed, RolloutGroup
+    from raydiff.engine.rollouts.group import RolloutFailed, RolloutGroup
 
     class OutOfMemoryWorker(RolloutWorker):
         def start(self, prompts, seed):

@@ -118,7 +118,7 @@ def test_checksum_independent_of_dtype_bf16_learner_fp32_rollout(tiny_sd):
     """A bf16 learner (DeepSpeed on GPU) publishes; an fp32 rollout worker loads it; verify_weights compares
     the learner's checksum with the worker's: they must agree, and still tell different values apart."""
     from raydiff.config import load_config
-    from raydiff.engine.rollout import RolloutWorker
+    from raydiff.engine.rollouts.worker import RolloutWorker
     from raydiff.models.lora import trainable_state_dict
 
     worker = RolloutWorker(load_config("configs/tiny_ddpo.yaml", [f"model.path={tiny_sd}"]))

@@ -110,7 +110,7 @@ def rollout(arch: str, batch: int, steps: int, repeats: int, dry: bool = False, 
 def ddpo_step(arch: str, batch: int, steps: int, trained: int, dry: bool = False, guidance: float = 5.0) -> dict:
     """One DDPO update: `trained` timesteps re-scored by raydiff's Policy (no per-step host syncs), PPO loss, AdamW."""
     from raydiff.algorithms.common import StepAverager, decoupled_ppo_loss
-    from raydiff.engine.policy import Policy
+    from raydiff.sampling.policy import Policy
     from raydiff.sampling.sampler import sample
 
     a, dev, dt = _env(arch, dry)
@@ -211,7 +211,7 @@ def _zero(a: str, dev: str, dt: str, batch: int, repeats: int, stage: int) -> di
 
 def zero_stages(arch: str, batch: int, repeats: int, dry: bool = False) -> dict:
     """Full-UNet denoising step under DeepSpeed ZeRO-2, then ZeRO-3, one rank; ZeRO-2's engine freed in between."""
-    from raydiff.engine.deepspeed_stepper import init_distributed
+    from raydiff.engine.learners.deepspeed_stepper import init_distributed
 
     a, dev, dt = _env(arch, dry)
     for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():

@@ -25,10 +25,11 @@ from raydiff.console import epoch_summary, fmt
 from raydiff.engine import checkpoint as ckpt
 from raydiff.engine.buffer import StalenessGate
 from raydiff.engine.groups import EpochPlan, check_group_layout, plan_epoch
-from raydiff.engine.learner_group import LearnerRestarted
+from raydiff.engine.learners.coordinator import LearnerRestarted
+from raydiff.engine.learners.handle import LearnerHandle
 from raydiff.engine.metrics import MetricsLogger
 from raydiff.engine.records import ExperienceWriter
-from raydiff.engine.roles import LearnerHandle, RolloutGroup
+from raydiff.engine.rollouts.group import RolloutGroup
 from raydiff.engine.storage import Storage, check_reachable, join_uri, run_location
 from raydiff.prompts import load_prompts
 from raydiff.types import PromptBatch, Trajectory
@@ -95,8 +96,8 @@ class Trainer:
 
     # --- setup -------------------------------------------------------------
     def _start_roles(self) -> None:
+        from raydiff.engine.cluster.placement import check_feasible, role_bundles
         from raydiff.engine.cluster.plan import check_memory
-        from raydiff.engine.placement import check_feasible, role_bundles
 
         cfg = self.cfg
         # Fail at once, naming the knob, if a GPU role is predicted to run out of memory,
@@ -114,7 +115,7 @@ class Trainer:
 
             self.reward_service = ensure_reward_service(cfg.reward.components, cfg.reward.serve_app, cfg.reward.reuse)
         if cfg.learner.engine == "deepspeed":
-            from raydiff.engine.distributed import GroupLearnerHandle
+            from raydiff.engine.learners.distributed import GroupLearnerHandle
 
             self.learner = GroupLearnerHandle(cfg, self.storage.uri)
         elif cfg.learner.num_workers != 1:

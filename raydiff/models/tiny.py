@@ -160,8 +160,12 @@ def build_tiny(kind: str, out_dir: str | Path, seed: int = 0) -> str:
 
 
 def _publish(tmp: Path, out: Path) -> str:
-    """Move the finished build into place (a concurrent builder may have won: keep theirs)."""
-    if out.exists():
+    """Move the finished build into place. A concurrent builder that won keeps its folder: others may be
+    loading from it already (removing it to put an identical one in its place broke their loads)."""
+    if (out / "model_index.json").is_file():
+        shutil.rmtree(tmp, ignore_errors=True)
+        return str(out)
+    if out.exists():  # a partial folder, not a published build (publishing is one rename)
         shutil.rmtree(out)
     try:
         os.replace(tmp, out)

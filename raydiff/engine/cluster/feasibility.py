@@ -21,7 +21,13 @@ import logging
 
 import ray
 
-from raydiff.engine.placement import PlacementError, _fmt_res, _sum, cluster_shapes, role_bundles
+from raydiff.engine.cluster.placement import (
+    PlacementError,
+    _fmt_res,
+    _sum,
+    role_bundles,
+)
+from raydiff.engine.cluster.shapes import cluster_shapes
 
 log = logging.getLogger("raydiff.feasibility")
 _EPS = 1e-9

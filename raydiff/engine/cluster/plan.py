@@ -30,7 +30,13 @@ from typing import Optional
 import torch
 
 from raydiff.engine.cluster.architecture import (
-    UnknownArchitecture, architecture_folder, build_meta, lora_param_count, meta_modules, param_bytes, pick_dtype,
+    UnknownArchitecture,
+    architecture_folder,
+    build_meta,
+    lora_param_count,
+    meta_modules,
+    param_bytes,
+    pick_dtype,
 )
 from raydiff.engine.cluster.memory_trace import traced_peak
 

@@ -199,7 +199,7 @@ class DeepSpeedStepper:
                  accumulation_steps: int = 1, use_gpu: bool = False):
         import deepspeed
 
-        from raydiff.engine.optim import as_param_groups
+        from raydiff.engine.learners.optim import as_param_groups
 
         groups = as_param_groups(params)
         if not groups[0]["params"]:

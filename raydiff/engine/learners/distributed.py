@@ -19,8 +19,9 @@ import uuid
 import ray
 import torch
 
-from raydiff.engine.learner import Learner
+from raydiff.engine.learners.learner import Learner
 from raydiff.engine.storage import Scratch, Storage, join_uri, read_probe
+from raydiff.engine.weight_sync import make_update
 from raydiff.models.lora import export_weights, state_checksum
 from raydiff.types import Trajectory
 
@@ -38,7 +39,7 @@ class DistributedLearner:
     """What runs inside each Ray Train worker: a Learner whose stepper is DeepSpeed."""
 
     def __init__(self, cfg, rank: int, world_size: int, resume_from: str | None = None):
-        from raydiff.engine.deepspeed_stepper import DeepSpeedStepper
+        from raydiff.engine.learners.deepspeed_stepper import DeepSpeedStepper
 
         use_gpu = cfg.learner.use_gpu and torch.cuda.is_available()
 
@@ -82,8 +83,7 @@ class DistributedLearner:
         state = self._denoiser_state()  # collective under ZeRO-3: every rank calls it
         if self.learner.rank != 0:
             return None
-        update = {"version": self.learner.version, "state": state, "checksum": state_checksum(state)}
-        return [ray.put(update)]  # wrapped: a bare ObjectRef would be resolved on return
+        return [ray.put(make_update(self.learner.version, state))]  # wrapped: a bare ObjectRef would be resolved on return
 
     def save(self, directory: str) -> dict:
         """Collective. Every rank writes its DeepSpeed shard to node-local scratch and uploads it
@@ -137,7 +137,7 @@ class GroupLearnerHandle:
     """Driver-side: the LearnerHandle interface over a Ray Train LearnerGroup."""
 
     def __init__(self, cfg, run_dir: str):
-        from raydiff.engine.learner_group import LearnerGroup
+        from raydiff.engine.learners.group import LearnerGroup
 
         self.cfg = cfg
         self.world = cfg.learner.num_workers

@@ -14,11 +14,16 @@ from collections import defaultdict
 import torch
 
 from raydiff.algorithms.registry import make_algorithm
-from raydiff.engine.optim import TorchStepper
+from raydiff.engine.learners.optim import TorchStepper
 from raydiff.engine.storage import Scratch, Storage
-from raydiff.sampling.policy import Policy
+from raydiff.engine.weight_sync import make_update
 from raydiff.models.loader import load_model
-from raydiff.models.lora import export_weights, load_trainable_state_dict, state_checksum, trainable_state_dict
+from raydiff.models.lora import (
+    export_weights,
+    load_trainable_state_dict,
+    trainable_state_dict,
+)
+from raydiff.sampling.policy import Policy
 from raydiff.types import PromptBatch, Trajectory
 
 
@@ -84,8 +89,7 @@ class Learner:
 
     def publish(self) -> dict:
         """{version, state, checksum} of the trainable weights, for rollout workers."""
-        state = trainable_state_dict(self.model.denoiser)
-        return {"version": self.version, "state": state, "checksum": state_checksum(state)}
+        return make_update(self.version, trainable_state_dict(self.model.denoiser))
 
     def save(self, directory: str) -> dict:
         """Write learner.pt and the diffusers export to node-local scratch, then upload them to

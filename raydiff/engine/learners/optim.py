@@ -2,7 +2,7 @@
 
 Algorithms call `stepper.backward(loss)` once per micro-step; the stepper scales
 by 1/accumulation, and at each accumulation boundary clips, steps and zeroes.
-`TorchStepper` is plain AdamW in one process; `raydiff.engine.deepspeed_stepper`
+`TorchStepper` is plain AdamW in one process; `raydiff.engine.learners.deepspeed_stepper`
 implements the same interface over a DeepSpeed ZeRO engine across workers.
 """
 

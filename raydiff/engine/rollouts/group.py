@@ -1,4 +1,4 @@
-"""Ray-side handles for the roles: a restartable group of rollout actors and the learner.
+"""RolloutGroup: the driver's handle on a restartable group of rollout actors.
 
 The driver talks to these, never to actors directly, so fault handling
 (re-issuing a lost batch on a restarted actor, with the latest weights) lives
@@ -14,11 +14,10 @@ from collections import deque
 import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayError
 
-from raydiff.engine.learner import Learner
-from raydiff.engine.rollout import RolloutWorker
+from raydiff.engine.rollouts.worker import RolloutWorker
 from raydiff.types import Trajectory
 
-log = logging.getLogger("raydiff.roles")
+log = logging.getLogger("raydiff.rollouts")
 RESTART_GRACE_S = 30.0  # how long a re-issue waits for a restarting worker before using another one
 
 
@@ -75,7 +74,10 @@ class RolloutGroup:
     def __init__(self, cfg, needs=None, worker_cls=RolloutWorker):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from raydiff.engine.placement import create_placement_group, role_bundles
+        from raydiff.engine.cluster.placement import (
+            create_placement_group,
+            role_bundles,
+        )
 
         r = cfg.rollout
         # The pending placement group is the autoscaler's demand; impossible asks fail at once.
@@ -255,42 +257,3 @@ class RolloutGroup:
         for a in self.actors:
             ray.kill(a, no_restart=True)
         ray.util.remove_placement_group(self.pg)
-
-
-class LearnerHandle:
-    """One Learner in a Ray actor (the single-worker learner)."""
-
-    def __init__(self, cfg):
-        l = cfg.learner
-        self.actor = ray.remote(Learner).options(
-            num_cpus=l.num_cpus, num_gpus=1 if l.use_gpu else 0, resources=l.resources or None, name=f"raydiff-learner-{id(self):x}"
-        ).remote(cfg)
-        ray.get(self.actor.ready.remote())
-        self.version = 0
-
-    def train(self, batch: Trajectory) -> dict:
-        metrics = ray.get(self.actor.train.remote(batch))
-        self.version += 1
-        return metrics
-
-    def publish(self):
-        return self.actor.publish.remote()
-
-    def save(self, directory: str) -> dict:
-        return ray.get(self.actor.save.remote(str(directory)))
-
-    def load(self, directory: str) -> None:
-        ray.get(self.actor.load.remote(str(directory)))
-        self.version = ray.get(self.actor.__ray_call__.remote(lambda self: self.version))
-
-    def checksums(self) -> list[str]:
-        update = ray.get(self.publish())
-        return [update["checksum"]]
-
-    def probe_storage(self, uri: str, name: str) -> list[str]:
-        from raydiff.engine.storage import read_probe
-
-        return [ray.get(self.actor.__ray_call__.remote(lambda _self, u, n: read_probe(u, n), uri, name))]
-
-    def shutdown(self) -> None:
-        ray.kill(self.actor, no_restart=True)

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from raydiff.engine.cluster.plan import runtime_decode_chunk
-from raydiff.engine.scoring import ScoringJob, scoring_pool
+from raydiff.engine.rollouts.scoring import ScoringJob, scoring_pool
+from raydiff.engine.weight_sync import verdict
 from raydiff.models.loader import load_model
 from raydiff.models.lora import state_checksum
 from raydiff.models.lora_fuse import RolloutWeights
@@ -31,10 +32,6 @@ from raydiff.sampling.sampler import decode_images, sample
 from raydiff.types import Trajectory
 
 log = logging.getLogger("raydiff.rollout")
-
-
-class WeightUpdateRejected(RuntimeError):
-    pass
 
 
 class BatchLost(RuntimeError):
@@ -78,18 +75,14 @@ class RolloutWorker:
     def set_weights(self, update: dict, rewind: bool = False) -> bool:
         """Load {version, state, checksum} if it is newer (or `rewind`: the learner restarted from a
         checkpoint) and intact; True if held already; otherwise log and keep the current weights."""
-        version, state, checksum = update["version"], update["state"], update["checksum"]
-        if version == self.version and checksum == self.checksum:
+        why = verdict(update, self.version, self.checksum, rewind)
+        if why == "held":
             return True
-        if version <= self.version and self.version > 0 and not rewind:
-            log.error("rollout %d: rejected weight update v%d (have v%d): out of order", self.rank, version, self.version)
+        if why is not None:
+            log.error("rollout %d: rejected weight update: %s", self.rank, why)
             return False
-        actual = state_checksum(state)
-        if actual != checksum:
-            log.error("rollout %d: rejected weight update v%d: checksum mismatch (%s != %s)", self.rank, version, actual[:12], checksum[:12])
-            return False
-        self.weights.load(state)
-        self.version, self.checksum = version, checksum
+        self.weights.load(update["state"])
+        self.version, self.checksum = update["version"], update["checksum"]
         return True
 
     def _own_checksum(self) -> str:

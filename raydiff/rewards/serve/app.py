@@ -65,7 +65,7 @@ def check_placement(components: list[RewardComponent], field: str) -> None:
 
     Without it a reward asking for GPUs or {reward: 1} on a cluster without such nodes leaves
     serve.run waiting forever."""
-    from raydiff.engine.placement import check_feasible, role_bundles
+    from raydiff.engine.cluster.placement import check_feasible, role_bundles
 
     for i, c in enumerate(components):
         check_feasible(f"{field}[{i}]", role_bundles(c)[:1])
