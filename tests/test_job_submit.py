@@ -3,6 +3,7 @@
 import os
 import re
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -55,3 +56,36 @@ def test_ray_job_submit_succeeds(private_head, config, tmp_path):
     assert re.search(r"Job '\S+' succeeded", out), out[-4000:]
     assert (run_dir / "metrics.jsonl").is_file()
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_job_that_cannot_fit_a_2_cpu_cluster_fails_within_a_minute_naming_the_demand(tmp_path):
+    """The shipped async config on `ray start --head --num-cpus=2` (a 2-core machine): each role fits alone, not
+    all together. Ray Train used to retry its worker group without end; the run must fail at start instead."""
+    tmpdir = f"/tmp/rdjob2-{os.getpid()}"
+    dash = free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("RAY_ADDRESS", None)
+    os.makedirs(tmpdir, exist_ok=True)
+    log = os.path.join(tmpdir, "ray-start.log")
+    head = ray_start(["--head", f"--port={free_port()}", f"--temp-dir={tmpdir}", "--num-cpus=2", "--include-dashboard=true",
+                      "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={free_port()}",
+                      f"--ray-client-server-port={free_port()}", "--disable-usage-stats"], env, log)
+    try:
+        wait_started(head, log)
+        runtime_env = '{"env_vars": {"RAYDIFF_CACHE": "%s", "HF_HUB_OFFLINE": "1"}, "excludes": ["runs/", ".git/"]}' % os.environ["RAYDIFF_CACHE"]
+        t0 = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".",
+             f"--runtime-env-json={runtime_env}", "--", "python", "-m", "raydiff.train", "configs/tiny_ddpo_async.yaml",
+             f"output.run_dir={tmp_path / 'run'}", "output.progress=false"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        )
+        elapsed = time.monotonic() - t0
+    finally:
+        stop_group(head)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and re.search(r"Job '\S+' failed", out), out[-4000:]
+    assert "roles together need" in out and "rollout" in out and "learner" in out, out[-4000:]  # each role's demand, named
+    assert "CPU" in out and "2" in out
+    assert elapsed < 60, f"the infeasible job took {elapsed:.0f} s to fail (it must fail at start, not wait)"
