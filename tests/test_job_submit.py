@@ -15,10 +15,8 @@ from _private_head import free_port, ray_start, stop_group, wait_started  # noqa
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def private_head():
-    """A head started like a user would (`ray start --head`), with the job server; stopped by its process group."""
-    tmpdir = f"/tmp/rdjob-{os.getpid()}"  # short: Ray's socket paths must stay under 108 bytes
+def _head(tmpdir: str, num_cpus: int):
+    """`ray start --head` as a user would, with the job server: (process, dashboard address, env)."""
     dash = free_port()
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     # The job's `python` is looked up on PATH: make it this interpreter (its venv), not a system one.
@@ -27,14 +25,34 @@ def private_head():
     os.makedirs(tmpdir, exist_ok=True)
     log = os.path.join(tmpdir, "ray-start.log")
     head = ray_start(
-        ["--head", f"--port={free_port()}", f"--temp-dir={tmpdir}", "--num-cpus=6", "--include-dashboard=true",
+        ["--head", f"--port={free_port()}", f"--temp-dir={tmpdir}", f"--num-cpus={num_cpus}", "--include-dashboard=true",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={free_port()}",
          f"--ray-client-server-port={free_port()}", "--disable-usage-stats"],
         env, log,
     )
     try:
         wait_started(head, log)
-        yield f"http://127.0.0.1:{dash}", env
+    except BaseException:
+        stop_group(head)
+        raise
+    return head, f"http://127.0.0.1:{dash}", env
+
+
+def _submit(address: str, env: dict, config: str, *overrides: str) -> subprocess.CompletedProcess:
+    runtime_env = '{"env_vars": {"RAYDIFF_CACHE": "%s", "HF_HUB_OFFLINE": "1"}, "excludes": ["runs/", ".git/"]}' % os.environ["RAYDIFF_CACHE"]
+    return subprocess.run(
+        [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", f"--address={address}", "--working-dir", ".",
+         f"--runtime-env-json={runtime_env}", "--", "python", "-m", "raydiff.train", config, *overrides],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def private_head():
+    """A head with 6 CPUs (room for every role); stopped by its process group (tmpdir short: socket paths < 108 bytes)."""
+    head, address, env = _head(f"/tmp/rdjob-{os.getpid()}", 6)
+    try:
+        yield address, env
     finally:
         stop_group(head)
 
@@ -43,14 +61,8 @@ def private_head():
 def test_ray_job_submit_succeeds(private_head, config, tmp_path):
     address, env = private_head
     run_dir = tmp_path / "run"
-    runtime_env = '{"env_vars": {"RAYDIFF_CACHE": "%s", "HF_HUB_OFFLINE": "1"}, "excludes": ["runs/", ".git/"]}' % os.environ["RAYDIFF_CACHE"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", f"--address={address}", "--working-dir", ".",
-         f"--runtime-env-json={runtime_env}", "--",
-         "python", "-m", "raydiff.train", config, "train.num_epochs=2", f"output.run_dir={run_dir}", "output.progress=false",
-         "learner.num_workers=1", "output.tensorboard=false"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
+    proc = _submit(address, env, config, "train.num_epochs=2", f"output.run_dir={run_dir}", "output.progress=false",
+                   "learner.num_workers=1", "output.tensorboard=false")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     assert re.search(r"Job '\S+' succeeded", out), out[-4000:]
@@ -61,26 +73,10 @@ def test_ray_job_submit_succeeds(private_head, config, tmp_path):
 def test_job_that_cannot_fit_a_2_cpu_cluster_fails_within_a_minute_naming_the_demand(tmp_path):
     """The shipped async config on `ray start --head --num-cpus=2` (a 2-core machine): each role fits alone, not
     all together. Ray Train used to retry its worker group without end; the run must fail at start instead."""
-    tmpdir = f"/tmp/rdjob2-{os.getpid()}"
-    dash = free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.pop("RAY_ADDRESS", None)
-    os.makedirs(tmpdir, exist_ok=True)
-    log = os.path.join(tmpdir, "ray-start.log")
-    head = ray_start(["--head", f"--port={free_port()}", f"--temp-dir={tmpdir}", "--num-cpus=2", "--include-dashboard=true",
-                      "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={free_port()}",
-                      f"--ray-client-server-port={free_port()}", "--disable-usage-stats"], env, log)
+    head, address, env = _head(f"/tmp/rdjob2-{os.getpid()}", 2)
     try:
-        wait_started(head, log)
-        runtime_env = '{"env_vars": {"RAYDIFF_CACHE": "%s", "HF_HUB_OFFLINE": "1"}, "excludes": ["runs/", ".git/"]}' % os.environ["RAYDIFF_CACHE"]
         t0 = time.monotonic()
-        proc = subprocess.run(
-            [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".",
-             f"--runtime-env-json={runtime_env}", "--", "python", "-m", "raydiff.train", "configs/tiny_ddpo_async.yaml",
-             f"output.run_dir={tmp_path / 'run'}", "output.progress=false"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-        )
+        proc = _submit(address, env, "configs/tiny_ddpo_async.yaml", f"output.run_dir={tmp_path / 'run'}", "output.progress=false")
         elapsed = time.monotonic() - t0
     finally:
         stop_group(head)

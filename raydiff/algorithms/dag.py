@@ -39,14 +39,20 @@ docs/algorithms/dag.md). Trained steps: int(T · timestep_fraction), as the refe
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from typing import ClassVar, Iterator, Literal
 
 import torch
 from pydantic import Field
 
 from raydiff.algorithms.base import Algorithm, Needs, shuffled_pieces
-from raydiff.algorithms.common import PROX_KEY, AsyncAlgorithmConfig, attach_proximal_log_probs, decoupled_ppo_terms, trained_steps
+from raydiff.algorithms.common import (
+    PROX_KEY,
+    AsyncAlgorithmConfig,
+    StepAverager,
+    attach_proximal_log_probs,
+    decoupled_ppo_terms,
+    trained_steps,
+)
 from raydiff.algorithms.flow_net import FlowNet
 from raydiff.sampling.steps.ddim import backward_log_prob
 from raydiff.types import Trajectory
@@ -215,23 +221,16 @@ class DAG(Algorithm):
         T = batch.log_probs.shape[1]
         steps = torch.randperm(T, generator=rng)[: self.trained_steps(T)].tolist()
         bs = self.config.train_batch_size
-        sums: dict[str, float] = defaultdict(float)
-        maxes: dict[str, float] = {}
-        n_terms = 0
-        for start in range(0, len(batch), bs):
+        starts = range(0, len(batch), bs)
+        stats = StepAverager(len(starts) * len(steps))  # summed on the device: one host copy, not one per step
+        for start in starts:
             micro = batch.index(list(range(start, min(start + bs, len(batch)))))
             for j in steps:
                 loss, parts = self.transition_loss(policy, micro, j)
                 optimizer.backward(loss)
-                sums["loss"] += loss.item()
-                for k, v in parts.items():
-                    if k.endswith("max_dev"):
-                        maxes[k] = max(maxes.get(k, 0.0), v.float().max().item())
-                    else:
-                        sums[k] += v.float().mean().item()
-                n_terms += 1
-        metrics = {k: v / n_terms for k, v in sums.items()}
-        metrics.update(maxes)
+                stats.add({"loss": loss.detach(), **{k: v.float().max() if k.endswith("max_dev") else v.float().mean()
+                                                     for k, v in parts.items()}})
+        metrics = stats.result()
         metrics["beta"] = float(batch.extras["beta"][0])
         # Reward round trips behind this batch: per rollout batch 1 (final) + ceil(N·T / rollout.decode_chunk)
         # (all T intermediate x̂_0, decoded and scored chunk by chunk), versus T + 1 scoring one timestep per call.

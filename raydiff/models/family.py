@@ -62,6 +62,22 @@ class ModelFamily(Protocol):
 _FAMILIES: dict[str, ModelFamily] = {}
 
 
+def load_parts(path: str, dtype: torch.dtype, revision: Optional[str], denoiser_cls, denoiser_folder: str,
+               scheduler_cls, text: list[tuple[Any, Any, str]]) -> dict:
+    """The components every family loads from a diffusers folder: the denoiser, the VAE, the scheduler and
+    its text stack, `text` = [(tokenizer class, encoder class, subfolder suffix)] for tokenizer{s}/text_encoder{s}."""
+    from diffusers import AutoencoderKL
+
+    kw = dict(revision=revision)
+    return dict(
+        denoiser=denoiser_cls.from_pretrained(path, subfolder=denoiser_folder, dtype=dtype, **kw),
+        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype, **kw),
+        text_encoders=[enc.from_pretrained(path, subfolder=f"text_encoder{s}", dtype=dtype, **kw) for _, enc, s in text],
+        tokenizers=[tok.from_pretrained(path, subfolder=f"tokenizer{s}", **kw) for tok, _, s in text],
+        scheduler=scheduler_cls.from_pretrained(path, subfolder="scheduler", **kw),
+    )
+
+
 def register_family(family: ModelFamily) -> ModelFamily:
     _FAMILIES[family.name] = family
     return family

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from raydiff.models.family import register_family
+from raydiff.models.family import load_parts, register_family
 from raydiff.models.sd import autocast_for, tokens
 from raydiff.types import Conditioning
 
@@ -53,19 +53,16 @@ class FluxFamily:
         return (index.get("transformer") or [None, None])[1] == "FluxTransformer2DModel"
 
     def load_components(self, path: str, dtype: torch.dtype, revision: Optional[str]) -> dict:
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-        from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
-
-        kw = dict(revision=revision)
-        return dict(
-            denoiser=FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", dtype=dtype, **kw),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype, **kw),
-            text_encoders=[CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, **kw),
-                           T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", dtype=dtype, **kw)],
-            tokenizers=[CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
-                        AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw)],
-            scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", **kw),
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+        from transformers import (
+            AutoTokenizer,
+            CLIPTextModel,
+            CLIPTokenizer,
+            T5EncoderModel,
         )
+
+        text = [(CLIPTokenizer, CLIPTextModel, ""), (AutoTokenizer, T5EncoderModel, "_2")]
+        return load_parts(path, dtype, revision, FluxTransformer2DModel, "transformer", FlowMatchEulerDiscreteScheduler, text)
 
     def default_resolution(self, model) -> int:
         """The pipeline's 1024 px; 64 px for tiny random models (inner width < 256), whose config has no size."""

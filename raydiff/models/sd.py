@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from raydiff.models.family import register_family
+from raydiff.models.family import load_parts, register_family
 from raydiff.types import Conditioning
 
 
@@ -52,21 +52,15 @@ class SDFamily:
         return "unet" in index and ("text_encoder_2" in index) == self.two_encoders
 
     def load_components(self, path: str, dtype: torch.dtype, revision: Optional[str]) -> dict:
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-        kw = dict(revision=revision)
-        tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)]
-        encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, **kw)]
-        if self.two_encoders:
-            tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw))
-            encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", dtype=dtype, **kw))
-        return dict(
-            denoiser=UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=dtype, **kw),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype, **kw),
-            text_encoders=encoders, tokenizers=tokenizers,
-            scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
+        from diffusers import DDIMScheduler, UNet2DConditionModel
+        from transformers import (
+            CLIPTextModel,
+            CLIPTextModelWithProjection,
+            CLIPTokenizer,
         )
+
+        text = [(CLIPTokenizer, CLIPTextModel, "")] + ([(CLIPTokenizer, CLIPTextModelWithProjection, "_2")] if self.two_encoders else [])
+        return load_parts(path, dtype, revision, UNet2DConditionModel, "unet", DDIMScheduler, text)
 
     def default_resolution(self, model) -> int:
         return model.denoiser.config.sample_size * model.vae_scale_factor

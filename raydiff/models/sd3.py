@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from raydiff.models.family import register_family
+from raydiff.models.family import load_parts, register_family
 from raydiff.models.sd import autocast_for, cfg_combine, tokens
 from raydiff.types import Conditioning
 
@@ -31,23 +31,20 @@ class SD3Family:
         return (index.get("transformer") or [None, None])[1] == "SD3Transformer2DModel"
 
     def load_components(self, path: str, dtype: torch.dtype, revision: Optional[str]) -> dict:
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
+        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from transformers import (
+            AutoTokenizer,
+            CLIPTextModelWithProjection,
+            CLIPTokenizer,
+            T5EncoderModel,
+        )
 
         from raydiff.models.loader import read_model_index
 
-        kw = dict(revision=revision)
-        tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder=f"tokenizer{s}", **kw) for s in ("", "_2")]
-        encoders = [CLIPTextModelWithProjection.from_pretrained(path, subfolder=f"text_encoder{s}", dtype=dtype, **kw) for s in ("", "_2")]
+        text = [(CLIPTokenizer, CLIPTextModelWithProjection, s) for s in ("", "_2")]
         if (read_model_index(path, revision).get("text_encoder_3") or [None])[0]:  # optional T5
-            tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder="tokenizer_3", **kw))
-            encoders.append(T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3", dtype=dtype, **kw))
-        return dict(
-            denoiser=SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", dtype=dtype, **kw),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype, **kw),
-            text_encoders=encoders, tokenizers=tokenizers,
-            scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", **kw),
-        )
+            text.append((AutoTokenizer, T5EncoderModel, "_3"))
+        return load_parts(path, dtype, revision, SD3Transformer2DModel, "transformer", FlowMatchEulerDiscreteScheduler, text)
 
     def default_resolution(self, model) -> int:
         return model.denoiser.config.sample_size * model.vae_scale_factor
@@ -92,7 +89,9 @@ class SD3Family:
         kwargs = {}
         c = model.scheduler.config
         if c.get("use_dynamic_shifting", None):  # as the SD3 pipeline: shift from the image token count
-            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+                calculate_shift,
+            )
 
             p = model.denoiser.config.patch_size
             seq = (model.latent_size // p) ** 2
