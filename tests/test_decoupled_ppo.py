@@ -198,6 +198,20 @@ def test_truncation_bounds_weights():
     assert metrics["is_weight_max_dev"] == pytest.approx(1.0)  # w ≤ c̄ = 2 and w ≥ 0 hits the bound
 
 
+def test_masked_importance_weights_drop_what_truncation_caps():
+    """is_mode=mask: weights outside [1/c̄, c̄] are 0 (left out), those inside are the exact ratio; truncate caps at c̄."""
+    log_w = torch.tensor([-2.0, -0.5, 0.0, 0.5, 2.0])
+    truncated = importance_weights(log_w, torch.zeros(5), 2.0)
+    masked = importance_weights(log_w, torch.zeros(5), 2.0, "mask")
+    assert torch.allclose(truncated, torch.exp(log_w).clamp(max=2.0))
+    assert masked[0] == 0 and masked[-1] == 0 and torch.allclose(masked[1:4], torch.exp(log_w[1:4]))
+    algo = ddpo(is_clip=2.0, is_mode="mask", stale_objective="per_sample")
+    batch = algo.prepare(toy_batch(512, 0.0, staleness=1))
+    policy = GaussianPolicy(1.0)
+    metrics = algo.train_step(policy, GradRecorder(policy), algo.prepare_batch(policy, batch), torch.Generator())
+    assert 0 < metrics["is_truncated_frac"] < 1 and metrics["is_weight_max_dev"] == pytest.approx(1.0)  # some w = 0
+
+
 def test_clip_engages_once_a_step_moves_past_epsilon():
     """Two inner epochs with SGD: the first minibatch sees ρ ≡ 1, later ones a ratio beyond ε = 0.2."""
     algo = ddpo(num_inner_epochs=2, train_batch_size=64)

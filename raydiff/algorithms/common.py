@@ -46,6 +46,7 @@ default: on the tiny async config it did not change the reward (docs/algorithms/
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -67,6 +68,7 @@ class AsyncAlgorithmConfig(Section):
     num_inner_epochs: int = Field(1, ge=1, description="Passes over each epoch's trajectories (ddpo-pytorch: 1).")
     timestep_fraction: float = Field(1.0, gt=0, le=1, description="Fraction of the T steps trained per minibatch (random subset, int(T·fraction) of them as the references).")
     is_clip: float = Field(2.0, ge=1, description="Truncation c̄ of the per-step importance weight min(π_prox/π_behaviour, c̄) for stale samples (geometric-mean ratios).")
+    is_mode: Literal["truncate", "mask"] = Field("truncate", description="Stale importance weights: truncate (min(w, c̄)) or mask (w = 0 where w is outside [1/c̄, c̄]: a sample or element the current policy would hardly draw is left out).")
 
     def validate_sampling(self, sampling) -> None:
         """Rollout log-probs are Gaussian densities: they need η > 0 (η = 0 makes σ_t = 0, log-prob undefined)."""
@@ -120,9 +122,14 @@ def behaviour_element_log_prob(noise: torch.Tensor, std: torch.Tensor) -> torch.
     return -0.5 * z**2 - torch.log(std.float()) - 0.5 * math.log(2 * math.pi)
 
 
-def importance_weights(prox_log_probs: torch.Tensor, behaviour_log_probs: torch.Tensor, is_clip: float) -> torch.Tensor:
-    """w = min(exp(log π_prox − log π_b), c̄), elementwise (constant: no gradient)."""
-    return torch.exp((prox_log_probs - behaviour_log_probs).detach()).clamp(max=is_clip)
+def importance_weights(prox_log_probs: torch.Tensor, behaviour_log_probs: torch.Tensor, is_clip: float,
+                       mode: str = "truncate") -> torch.Tensor:
+    """w = min(exp(log π_prox − log π_b), c̄) elementwise, or with `mode="mask"` w where 1/c̄ ≤ w ≤ c̄ and 0
+    elsewhere (masked importance sampling); constant: no gradient."""
+    log_w = (prox_log_probs - behaviour_log_probs).detach()
+    if mode == "mask":
+        return torch.where(log_w.abs() <= math.log(is_clip), torch.exp(log_w), torch.zeros_like(log_w))
+    return torch.exp(log_w).clamp(max=is_clip)
 
 
 def centre_advantages(batch: Trajectory, advantages: torch.Tensor, is_clip: float) -> torch.Tensor:
@@ -146,25 +153,25 @@ def centre_advantages(batch: Trajectory, advantages: torch.Tensor, is_clip: floa
 
 
 def decoupled_ppo_loss(log_prob, prox_log_prob, behaviour_log_prob, advantages, clip_range: float, is_clip: float,
-                       weights=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                       weights=None, is_mode: str = "truncate") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Decoupled clipped surrogate (to minimise) and its statistics; every input (N,).
 
     `weights` (N,) are extra per-sample weights (e.g. the staleness gate's damping, 0 for
     padding); the loss is the mean over N of weights · w · max(−Aρ, −A clip(ρ)).
     """
-    per_sample, stats = decoupled_ppo_terms(log_prob, prox_log_prob, behaviour_log_prob, advantages, clip_range, is_clip)
+    per_sample, stats = decoupled_ppo_terms(log_prob, prox_log_prob, behaviour_log_prob, advantages, clip_range, is_clip, is_mode)
     if weights is not None:
         per_sample = per_sample * weights
     return per_sample.mean(), stats
 
 
 def decoupled_ppo_terms(log_prob, prox_log_prob, behaviour_log_prob, advantages, clip_range: float,
-                        is_clip: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                        is_clip: float, is_mode: str = "truncate") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-sample w · max(−Aρ, −A clip(ρ, 1±ε)) (N,) and the step's ratio / weight statistics."""
     ratio = torch.exp(log_prob - prox_log_prob)
     log_w = (prox_log_prob - behaviour_log_prob).detach()
     is_w_raw = torch.exp(log_w)
-    is_w = importance_weights(prox_log_prob, behaviour_log_prob, is_clip)
+    is_w = importance_weights(prox_log_prob, behaviour_log_prob, is_clip, is_mode)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     per_sample = is_w * torch.maximum(unclipped, clipped)
@@ -176,7 +183,7 @@ def decoupled_ppo_terms(log_prob, prox_log_prob, behaviour_log_prob, advantages,
             "ratio_max_dev": (ratio - 1.0).abs().max(),
             "is_weight_mean": is_w.mean(),
             "is_weight_max_dev": (is_w - 1.0).abs().max(),
-            "is_truncated_frac": (is_w_raw > is_clip).float().mean(),
+            "is_truncated_frac": ((is_w_raw > is_clip) | ((is_w_raw < 1.0 / is_clip) if is_mode == "mask" else False)).float().mean(),
             "behaviour_approx_kl": 0.5 * (log_w**2).mean(),
         }
     return per_sample, stats

@@ -188,7 +188,7 @@ class DDPO(Algorithm):
                 if current is not None:
                     prox_j = torch.where(current.to(dev), log_prob.detach().float(), prox_j.float())
                 loss, stats = decoupled_ppo_loss(log_prob, prox_j, behaviour[:, j], adv_j,
-                                                 self.config.clip_range, self.config.is_clip, weights)
+                                                 self.config.clip_range, self.config.is_clip, weights, self.config.is_mode)
             optimizer.backward(loss)
             if centred is not None:
                 stats["is_baseline"] = (adv - adv_j).mean()
@@ -216,13 +216,14 @@ class DDPO(Algorithm):
             prox = batch.extras[PROX_KEY][:, j].to(dev)
             prox_elem = batch.extras[PROX_ELEM_KEY][idx, j].reshape(len(idx), -1).to(dev) if len(idx) else None
         per_sample, stats = decoupled_ppo_terms(log_prob, prox,
-                                                batch.log_probs[:, j].to(dev), adv, self.config.clip_range, self.config.is_clip)
+                                                batch.log_probs[:, j].to(dev), adv, self.config.clip_range, self.config.is_clip,
+                                                self.config.is_mode)
         if len(idx):
             idx_d = idx.to(dev)
             prox_d = prox_elem
             beh_d = behaviour_element_log_prob(batch.extras[NOISE_KEY][idx, j].reshape(len(idx), -1).to(dev), std)
             elem, stats = decoupled_ppo_terms(lp_d[idx_d], prox_d, beh_d, adv[idx_d, None], self.config.stale_clip_range,
-                                              self.config.is_clip)
+                                              self.config.is_clip, self.config.is_mode)
             per_sample = per_sample.index_put((idx_d,), elem.mean(dim=1))
         if weights is not None:
             per_sample = per_sample * weights
