@@ -132,14 +132,14 @@ def importance_weights(prox_log_probs: torch.Tensor, behaviour_log_probs: torch.
     return torch.exp(log_w).clamp(max=is_clip)
 
 
-def centre_advantages(batch: Trajectory, advantages: torch.Tensor, is_clip: float) -> torch.Tensor:
+def centre_advantages(batch: Trajectory, advantages: torch.Tensor, is_clip: float, is_mode: str = "truncate") -> torch.Tensor:
     """(N, T) advantages centred per step under the weights: A' = A − Σ w A / Σ w, sums over the whole batch.
 
     The baseline b_t is one number per step for the whole (unsharded) batch: the sums are
     all-reduced over the learner ranks when torch.distributed runs (every rank calls this,
     as every rank re-scores). Padding (batch.weights = 0) does not count. Needs `PROX_KEY`.
     """
-    w = importance_weights(batch.extras[PROX_KEY], batch.log_probs.float(), is_clip)  # (N, T)
+    w = importance_weights(batch.extras[PROX_KEY], batch.log_probs.float(), is_clip, is_mode)  # (N, T)
     mask = batch.weights.float() if batch.weights is not None else torch.ones(len(batch))
     wm = w * mask[:, None]
     adv = advantages.float()[:, None]

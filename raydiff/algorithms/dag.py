@@ -203,7 +203,7 @@ class DAG(Algorithm):
             adv = rloo_advantages(-delta.detach(), cfg.adv_clip_max, None if w is None else w > 0)
             behaviour = batch.log_probs[:, j].to(dev)
             prox = batch.extras[PROX_KEY][:, j].to(dev) if PROX_KEY in batch.extras else behaviour
-            ppo, stats = decoupled_ppo_terms(log_pf, prox, behaviour, adv, cfg.clip_range, cfg.is_clip)
+            ppo, stats = decoupled_ppo_terms(log_pf, prox, behaviour, adv, cfg.clip_range, cfg.is_clip, cfg.is_mode)
             per = per_flow + cfg.klpf * ppo
             parts.update(loss_klpf=ppo.detach(), **{k: torch.as_tensor(v) for k, v in stats.items()})
         if cfg.proximal_coef > 0:

@@ -135,7 +135,7 @@ class DDPO(Algorithm):
         batch = attach_proximal_log_probs(policy, batch, per_element=self.config.stale_objective == "per_element")
         if self.config.is_baseline and batch.max_staleness > 0:  # same branch on every rank (batch-level max)
             adv = batch.advantages.clamp(-self.config.adv_clip_max, self.config.adv_clip_max)
-            batch.extras[ADV_KEY] = centre_advantages(batch, adv, self.config.is_clip)
+            batch.extras[ADV_KEY] = centre_advantages(batch, adv, self.config.is_clip, self.config.is_mode)
         return batch
 
     def minibatches(self, batch, rng: torch.Generator):

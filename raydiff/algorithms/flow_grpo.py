@@ -88,7 +88,7 @@ class FlowGRPO(Algorithm):
         for j in steps:
             out = policy.step(batch, j)[0]
             policy_loss, stats = decoupled_ppo_loss(out.log_prob, prox[:, j].to(dev), batch.log_probs[:, j].to(dev), adv,
-                                                    c.clip_range, c.is_clip, weights)
+                                                    c.clip_range, c.is_clip, weights, c.is_mode)
             loss = policy_loss
             if c.kl_beta > 0:
                 kl = self.reference_kl(policy, batch, j, out)
