@@ -34,6 +34,7 @@ class Needs:
     intermediate_rewards: bool = False  # rewards of x̂_0 at every step are requested
     intermediate_rewards_guidance: str = "cfg"  # x̂_0 for those rewards from the CFG ε̂ ("cfg") or the conditional branch alone ("cond")
     reference_model: bool = False  # a frozen copy of the base model on the learner
+    final_latents_only: bool = False  # the learner trains on x_0 alone: rollouts send no trajectory, log-probs or extras (engine/datapath.py)
     samples_per_prompt: int = 1  # k: each epoch samples groups of k images per prompt (engine/groups.py); group ids travel with the batch
 
 
