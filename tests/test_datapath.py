@@ -7,6 +7,8 @@ metadata slice is, bit for bit and dtype for dtype, the shard the old driver-sid
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -88,6 +90,21 @@ def test_final_latents_only_sends_x0():
 ASYNC = "configs/tiny_ddpo_async.yaml"
 
 
+def _unfetchable(kind: str):
+    """A ref a learner rank cannot fetch: "failed" (the task that should have made it raised: a RayTaskError)
+    or "never" (not ready within the fetch timeout: GetTimeoutError). Both are RayErrors, as ObjectLostError and
+    OwnerDiedError after a node loss are; those need a multi-node cluster and an object in plasma to provoke."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def produce(kind):
+        if kind == "failed":
+            raise RuntimeError("the node holding this piece is gone")
+        time.sleep(3600)
+
+    return produce.remote(kind)
+
+
 def test_ranks_fetch_their_pieces_train_as_the_old_path_and_survive_a_lost_ref(ray_cluster, tiny_sd, tmp_path):
     """Two DeepSpeed ranks in Ray Train fetch their pieces by ref: the weights after one step equal those
     from the old path (the whole batch on the driver, sharded there) bit for bit; the ranks fetched the
@@ -127,12 +144,15 @@ def test_ranks_fetch_their_pieces_train_as_the_old_path_and_survive_a_lost_ref(r
         old = learner.checksums()
         assert new == old and new[0] == new[1]
 
-        ray._private.internal_api.free([batches[1].pieces[0]])  # rank 0's piece of batch 1 is gone
         version = learner.version
-        with pytest.raises(TrajectoriesLost) as info:
-            learner.train(EpochBatch(meta, batches, 30.0))
-        assert info.value.batches == [1] and learner.version == version and learner.checksums() == old
-        assert isinstance(info.value, ray.exceptions.RayError) and "rollout.max_batch_retries" in str(info.value)
+        for kind, timeout_s in (("failed", 60.0), ("never", 10.0)):
+            batches[1].pieces[0] = _unfetchable(kind)  # rank 0's piece of batch 1 (rank 1's are fine)
+            t0 = time.monotonic()
+            with pytest.raises(TrajectoriesLost) as info:
+                learner.train(EpochBatch(meta, batches, timeout_s))
+            assert time.monotonic() - t0 < 60  # bounded by the fetch timeout: no hang
+            assert info.value.batches == [1] and learner.version == version and learner.checksums() == old  # nothing trained
+            assert isinstance(info.value, ray.exceptions.RayError) and "rollout.max_batch_retries" in str(info.value)
         learner.train(EpochBatch(prepare(Trajectory.cat([batches[0].meta])), batches[:1], 60.0))
         assert learner.version == version + 1 and learner.checksums() != old  # the ranks still serve and train
     finally:
