@@ -118,8 +118,8 @@ def test_ranks_fetch_their_pieces_train_as_the_old_path_and_survive_a_lost_ref(r
     from raydiff.engine.distributed import GroupLearnerHandle
     from raydiff.engine.roles import RolloutGroup
 
-    cfg = load_config(ASYNC, [f"model.path={tiny_sd}", f"output.run_dir={tmp_path}", "learner.num_workers=2", "rollout.num_workers=1",
-                              "sampling.batch_size=3", "sampling.num_steps=2", "algorithm.train_batch_size=2", "learner.learning_rate=0.05"])
+    cfg = load_config(ASYNC, [f"model.path={tiny_sd}", f"output.run_dir={tmp_path}", "learner.num_workers=2",
+                              "rollout.num_workers=1", "sampling.batch_size=3", "sampling.num_steps=2", "algorithm.train_batch_size=2", "learner.learning_rate=0.05"])
     prepare = lambda batch: make_algorithm(cfg.algorithm, cfg.sampling).prepare(batch)  # noqa: E731 (stateless here)
     rollouts = RolloutGroup(cfg, make_algorithm(cfg.algorithm, cfg.sampling).needs)
     learner = GroupLearnerHandle(cfg, str(tmp_path))
@@ -158,3 +158,62 @@ def test_ranks_fetch_their_pieces_train_as_the_old_path_and_survive_a_lost_ref(r
     finally:
         rollouts.shutdown()
         learner.shutdown()
+
+
+def _final_weights(run_dir):
+    from raydiff.engine import checkpoint as ckpt
+    from raydiff.models.lora import state_checksum
+
+    last = ckpt.latest_checkpoint(run_dir)
+    return state_checksum(torch.load(last / "learner" / "learner.pt", weights_only=False)["weights"])
+
+
+def test_run_moves_tensors_past_the_driver_and_resamples_a_lost_batch(ray_cluster, tiny_sd, tmp_path):
+    """A whole run (S = 0, one learner actor): per epoch the driver fetches metadata (plus 16 images on grid
+    epochs) and the learner the tensors (data/ metrics); a batch whose tensors cannot be fetched in epoch 1
+    is re-sampled and the epoch trained again: the final weights equal a run without the loss, bit for bit."""
+    from raydiff.config import load_config
+    from raydiff.engine.metrics import read_metrics
+    from raydiff.engine.records import read_experience
+    from raydiff.engine.trainer import Trainer
+
+    def run(name: str, lose: bool, record_tensors: bool):
+        cfg = load_config(ASYNC, [f"model.path={tiny_sd}", f"output.run_dir={tmp_path / name}", "output.progress=false",
+                                  "learner.engine=torch", "learner.num_workers=1", "rollout.num_workers=1", "train.max_staleness=0",
+                                  "sampling.batch_size=4", "sampling.num_steps=2", "train.num_epochs=3", "output.checkpoint_every=0",
+                                  "output.tensorboard=false", "output.image_grid_every=2", f"output.record_tensors={record_tensors}"])
+        trainer = Trainer(cfg)
+        if lose:
+            start_roles = trainer._start_roles
+
+            def start_and_lose():  # once the roles exist: epoch 1's first batch loses its tensors after gather
+                start_roles()
+                gather = trainer.rollouts.gather
+
+                def gather_and_lose(epoch):
+                    batches = gather(epoch)
+                    if epoch == 1:
+                        batches[0].pieces[0] = _unfetchable("failed")
+                    return batches
+
+                trainer.rollouts.gather = gather_and_lose
+
+            trainer._start_roles = start_and_lose
+        trainer.run()
+        return read_metrics(tmp_path / name), _final_weights(tmp_path / name), cfg
+
+    rows, lost_weights, cfg = run("lost", lose=True, record_tensors=False)
+    assert [r["step"] for r in rows] == [0, 1, 2] and all(r["data/samples_per_epoch"] == 8 for r in rows)
+    assert rows[0]["policy/reissued_batches"] == 0 and rows[1]["policy/reissued_batches"] == 1
+    for r in rows:
+        assert r["data/bytes_to_learners"] > 0
+        if r["step"] == 1:  # no grid: metadata only
+            assert r["data/bytes_via_driver"] * 20 < r["data/bytes_to_learners"], r
+    assert rows[0]["data/bytes_via_driver"] > rows[1]["data/bytes_via_driver"]  # epoch 0 drew an image grid
+    assert read_experience(tmp_path / "lost").num_rows == 24
+
+    clean, clean_weights, _ = run("clean", lose=False, record_tensors=True)
+    assert lost_weights == clean_weights  # the re-sampled batch (same seed, same weights) trained the same
+    records = read_experience(tmp_path / "clean")
+    assert records.num_rows == 24 and all(records.column("latents").to_pylist())  # fetched by the driver for the records
+    assert clean[1]["data/bytes_via_driver"] > rows[1]["data/bytes_via_driver"]  # and counted

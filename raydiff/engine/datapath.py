@@ -166,7 +166,8 @@ def _fetch(parts, timeout_s: float) -> tuple[list, list[int], str]:
             piece = ray.get(ref, timeout=max(1.0, timeout_s / 10))
         except RayError as e:
             lost.append(b)
-            err = err or f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            cause = getattr(e, "cause", None) or e  # a task error's own exception, not Ray's wrapper
+            err = err or f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
             continue
         got.append(piece if idx is None else _index_piece(piece, idx))
     return got, lost, err

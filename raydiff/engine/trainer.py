@@ -189,8 +189,8 @@ class Trainer:
                 log.warning("%s", lost)
                 self.algorithm.load_state_dict(copy.deepcopy(state))
                 for i in lost.batches:
+                    # regenerate counts it in policy/reissued_batches
                     batches[i] = self._admit(plan.requests[i], plan.group_ids[i], self.rollouts.regenerate(plan.requests[i], batches[i].offset), version)
-                    self.rollouts.reissued += 1
         raise AssertionError("unreachable")
 
     # --- loop --------------------------------------------------------------
