@@ -3,7 +3,9 @@
 The engine never branches on an algorithm's name. It asks the algorithm:
 - `needs`: what rollouts must record (e.g. per-step ε̂ for a proximal term),
 - `prepare(batch)`: driver-side, stateful processing of scored batches
-  (advantages, per-prompt statistics), checkpointed via `state_dict`,
+  (advantages, per-prompt statistics), checkpointed via `state_dict`; it sees
+  metadata only (latents, log-probs, conditioning and images are None there:
+  they go to the learner ranks directly, engine/datapath.py),
 - `build_modules(model)`: learner-side extra trainable networks (e.g. DAG's
   flow net), trained in their own optimiser group and checkpointed with the learner,
 - `prepare_batch(policy, batch)`: learner-side, once per received batch before its

@@ -1,7 +1,8 @@
 """Data-parallel learners: the same `Learner` on every Ray Train worker, stepping a DeepSpeed engine.
 
-    driver (Trainer) ── GroupLearnerHandle.train(batch) ──► LearnerGroup.run([shard_0..shard_{W-1}])
-                                                              rank r: DistributedLearner.run_task(("train", shard_r))
+    driver (Trainer) ── GroupLearnerHandle.train(EpochBatch) ──► LearnerGroup.run([refs_0..refs_{W-1}])
+                                                              rank r: DistributedLearner.run_task(("train", refs_r))
+                                                              fetches its pieces itself (engine/datapath.py)
     publish(): every rank gathers (collective under ZeRO-3); rank 0 puts the update
     into the object store and only its ObjectRef travels back to the driver.
 
