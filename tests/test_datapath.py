@@ -105,6 +105,7 @@ def _unfetchable(kind: str):
     return produce.remote(kind)
 
 
+@pytest.mark.slow
 def test_ranks_fetch_their_pieces_train_as_the_old_path_and_survive_a_lost_ref(ray_cluster, tiny_sd, tmp_path):
     """Two DeepSpeed ranks in Ray Train fetch their pieces by ref: the weights after one step equal those
     from the old path (the whole batch on the driver, sharded there) bit for bit; the ranks fetched the
