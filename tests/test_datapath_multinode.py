@@ -35,7 +35,7 @@ from raydiff.engine.roles import LearnerHandle, RolloutGroup
 from raydiff.types import Trajectory
 
 out, model = Path(sys.argv[1]), sys.argv[2]
-ray.init(logging_level="ERROR")
+ray.init(logging_level="ERROR", log_to_driver=False)
 cfg = load_config("configs/tiny_ddpo_async.yaml", [
     f"model.path={model}", f"output.run_dir={out / 'run'}", "rollout.num_workers=1", "rollout.resources={rollout: 1}",
     "rollout.max_restarts=0", "rollout.task_timeout_s=30", "learner.engine=torch", "learner.num_workers=1",
@@ -65,7 +65,7 @@ try:
     result["lost"] = None
 except TrajectoriesLost as e:
     result.update(lost=e.batches, detail=e.detail, lost_after_s=time.monotonic() - t0, version_after=learner.version)
-print(json.dumps(result))
+(out / "result.json").write_text(json.dumps(result))
 '''
 
 
@@ -89,7 +89,7 @@ def test_piece_moves_rollout_node_to_learner_node_and_a_lost_node_is_a_clear_err
                 stop_group(proc)
         log = (tmp_path / "driver.log").read_text()
         assert proc.returncode == 0, log[-8000:]
-        result = json.loads(log.strip().splitlines()[-1])
+        result = json.loads((tmp_path / "result.json").read_text())
     assert (result["rollout"], result["learner"]) == (rollout_node.node_id, learner_node.node_id) != (result["driver"],) * 2
     assert result["to_learners"] > 100_000 > 20 * result["meta_bytes"]  # a plasma object on the rollout node; the driver: metadata
     assert result["lost"] == [0] and "Object" in result["detail"], result  # ObjectLostError or a subclass (reconstruction failed)
