@@ -62,11 +62,12 @@ class Trajectory:
     outside the SDE window, whose log-prob is NaN); `eta` is then the configured a."""
 
     prompts: list[str]
-    latents: torch.Tensor  # (N, T+1, C, h, w): x_T, ..., x_0, in the sampling dtype (bf16 on GPU, fp32 on CPU)
-    timesteps: torch.Tensor  # (T,) scheduler timesteps (flow: σ·1000), same for the whole batch
-    log_probs: torch.Tensor  # (N, T) log p(x_{t-1} | x_t, c), mean over C*h*w, float32 (NaN on deterministic steps)
-    cond: Conditioning
-    images: np.ndarray  # (N, H, W, 3) uint8
+    # The big fields are None in the driver's metadata copy (engine/datapath.py: they go to the learner ranks directly).
+    latents: Optional[torch.Tensor]  # (N, T+1, C, h, w): x_T, ..., x_0, in the sampling dtype (bf16 on GPU, fp32 on CPU)
+    timesteps: Optional[torch.Tensor]  # (T,) scheduler timesteps (flow: σ·1000), same for the whole batch
+    log_probs: Optional[torch.Tensor]  # (N, T) log p(x_{t-1} | x_t, c), mean over C*h*w, float32 (NaN on deterministic steps)
+    cond: Optional[Conditioning]
+    images: Optional[np.ndarray]  # (N, H, W, 3) uint8
     version: int  # policy version that sampled it
     num_steps: int  # scheduler.set_timesteps(num_steps) used, needed to recompute log-probs
     guidance_scale: float
@@ -96,8 +97,8 @@ class Trajectory:
         return replace(
             self,
             prompts=[self.prompts[i] for i in idx_np.tolist()],
-            latents=self.latents[idx_t], log_probs=self.log_probs[idx_t], cond=self.cond.index(idx_t),
-            images=self.images[idx_np], rewards=pick(self.rewards),
+            latents=pick(self.latents), log_probs=pick(self.log_probs), cond=None if self.cond is None else self.cond.index(idx_t),
+            images=pick(self.images), rewards=pick(self.rewards),
             reward_components={k: pick(v) for k, v in self.reward_components.items()},
             advantages=pick(self.advantages), weights=pick(self.weights), staleness=pick(self.staleness),
             group_ids=pick(self.group_ids),
@@ -129,8 +130,8 @@ class Trajectory:
         return replace(
             first,
             prompts=sum((t.prompts for t in items), []),
-            latents=torch.cat([t.latents for t in items]), log_probs=torch.cat([t.log_probs for t in items]),
-            cond=Conditioning.cat([t.cond for t in items]), images=np.concatenate([t.images for t in items]),
+            latents=cat_opt([t.latents for t in items]), log_probs=cat_opt([t.log_probs for t in items]),
+            cond=None if first.cond is None else Conditioning.cat([t.cond for t in items]), images=cat_opt([t.images for t in items]),
             version=min(t.version for t in items),
             staleness=torch.cat([t.sample_staleness() for t in items]),
             max_staleness=max(t.max_staleness for t in items),

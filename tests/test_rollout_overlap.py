@@ -119,8 +119,9 @@ def _wait_and_bound(ray_cluster, cfg, needs, overlap: bool):
         requests = [(0, ["a cat", "a dog"], s) for s in range(5)]
         group.dispatch(0, requests)
         held = ray.get(group.actors[0].pending.remote())  # runs after every task dispatched so far
-        batches = group.gather(0)
-        assert [b.images.shape[0] for b in batches] == [2] * 5
+        gathered = group.gather(0)
+        assert [ray.get(b.images).shape[0] for b in gathered] == [2] * 5  # images stay in the object store until asked for
+        batches = [b.meta for b in gathered]
         return sum(b.timings["reward_wait_s"] for b in batches), held, batches
     finally:
         group.shutdown()

@@ -3,7 +3,9 @@
 The engine never branches on an algorithm's name. It asks the algorithm:
 - `needs`: what rollouts must record (e.g. per-step ε̂ for a proximal term),
 - `prepare(batch)`: driver-side, stateful processing of scored batches
-  (advantages, per-prompt statistics), checkpointed via `state_dict`,
+  (advantages, per-prompt statistics), checkpointed via `state_dict`; it sees
+  metadata only (latents, log-probs, conditioning and images are None there:
+  they go to the learner ranks directly, engine/datapath.py),
 - `build_modules(model)`: learner-side extra trainable networks (e.g. DAG's
   flow net), trained in their own optimiser group and checkpointed with the learner,
 - `prepare_batch(policy, batch)`: learner-side, once per received batch before its
@@ -34,6 +36,7 @@ class Needs:
     intermediate_rewards: bool = False  # rewards of x̂_0 at every step are requested
     intermediate_rewards_guidance: str = "cfg"  # x̂_0 for those rewards from the CFG ε̂ ("cfg") or the conditional branch alone ("cond")
     reference_model: bool = False  # a frozen copy of the base model on the learner
+    final_latents_only: bool = False  # the learner trains on x_0 alone: rollouts send no trajectory, log-probs or extras (engine/datapath.py)
     samples_per_prompt: int = 1  # k: each epoch samples groups of k images per prompt (engine/groups.py); group ids travel with the batch
 
 

@@ -115,19 +115,17 @@ class NFT(Algorithm):
 
     @property
     def needs(self) -> Needs:
-        return Needs(mode="async", samples_per_prompt=self.config.group_size)
+        return Needs(mode="async", samples_per_prompt=self.config.group_size, final_latents_only=True)
 
     def micro_steps_per_update(self, minibatch: Trajectory) -> int:
         return trained_steps(len(minibatch.timesteps), self.config.timestep_fraction)
 
     def prepare(self, batch: Trajectory) -> Trajectory:
-        """Driver side: group-relative advantages; only x_0 travels on (no trajectory, no log-probs)."""
+        """Driver side, on metadata: group-relative advantages. Only x_0 travels to the learner (Needs.final_latents_only)."""
         ids = require_groups(batch, self.config.group_size, self.config.name)
         batch.advantages = torch.as_tensor(group_advantages(batch.rewards, ids, self.config.std_eps, self.config.global_std),
                                            dtype=torch.float32)
-        batch.latents = batch.latents[:, -1:].contiguous()
-        batch.log_probs = batch.log_probs[:, :0].contiguous()
-        batch.extras = {}
+        batch.extras = {}  # the rollouts keep x_0 alone for the learner (Needs.final_latents_only)
         return batch
 
     def prepare_batch(self, policy, batch: Trajectory) -> Trajectory:

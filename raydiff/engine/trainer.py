@@ -9,9 +9,11 @@ sampling with learning. The driver never branches on the algorithm.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +26,13 @@ from raydiff.config import RunConfig, to_yaml
 from raydiff.console import epoch_summary, fmt
 from raydiff.engine import checkpoint as ckpt
 from raydiff.engine.buffer import StalenessGate
+from raydiff.engine.datapath import EpochBatch, RolloutBatch, TrajectoriesLost, fetch_images, fetch_whole, payload_bytes
 from raydiff.engine.groups import EpochPlan, check_group_layout, plan_epoch
 from raydiff.engine.learners.coordinator import LearnerRestarted
 from raydiff.engine.learners.handle import LearnerHandle
 from raydiff.engine.metrics import MetricsLogger
 from raydiff.engine.records import ExperienceWriter
-from raydiff.engine.rollouts.group import RolloutGroup
+from raydiff.engine.rollouts.group import RolloutFailed, RolloutGroup
 from raydiff.engine.storage import Storage, check_reachable, join_uri, run_location
 from raydiff.prompts import load_prompts
 from raydiff.types import PromptBatch, Trajectory
@@ -160,16 +163,36 @@ class Trainer:
         """(worker, prompts, seed) for every rollout batch of `epoch` (groups of k per prompt when the algorithm asks)."""
         return self.epoch_plan(epoch).requests
 
-    def _collect(self, epoch: int, version: int) -> Trajectory:
-        batches = []
+    def _collect(self, epoch: int, version: int) -> list[RolloutBatch]:
+        """The epoch's batches (metadata fetched, tensors as refs), each admitted by the staleness gate."""
         plan = self.epoch_plan(epoch)
-        for request, group_ids, batch in zip(plan.requests, plan.group_ids, self.rollouts.gather(epoch)):
-            admitted = self.gate.admit(batch, version)
-            while admitted is None:  # too stale: sample again with the current weights (same request: groups stay whole)
-                admitted = self.gate.admit(self.rollouts.regenerate(request), version)
-            admitted.group_ids = torch.as_tensor(group_ids, dtype=torch.int64)
-            batches.append(admitted)
-        return Trajectory.cat(batches)
+        return [self._admit(request, group_ids, batch, version)
+                for request, group_ids, batch in zip(plan.requests, plan.group_ids, self.rollouts.gather(epoch))]
+
+    def _admit(self, request, group_ids, batch: RolloutBatch, version: int) -> RolloutBatch:
+        while self.gate.admit(batch.meta, version) is None:  # too stale: sample again with the current weights (same request: groups stay whole)
+            batch = self.rollouts.regenerate(request, batch.offset)
+        batch.meta.group_ids = torch.as_tensor(group_ids, dtype=torch.int64)
+        return batch
+
+    def _train_on(self, epoch: int, batches: list[RolloutBatch], version: int) -> tuple[Trajectory, dict]:
+        """algorithm.prepare on the metadata, then the learner ranks fetch the tensors themselves. Batches whose
+        tensors a rank could not fetch are re-sampled and the epoch prepared again from the same algorithm state."""
+        state = copy.deepcopy(self.algorithm.state_dict())
+        plan = self.epoch_plan(epoch)
+        for attempt in range(self.cfg.rollout.max_batch_retries + 1):
+            meta = self.algorithm.prepare(Trajectory.cat([b.meta for b in batches]))  # a fresh copy on every attempt
+            try:
+                return meta, self.learner.train(EpochBatch(meta, batches, self.cfg.rollout.task_timeout_s))
+            except TrajectoriesLost as lost:
+                if attempt == self.cfg.rollout.max_batch_retries:
+                    raise RolloutFailed(f"{lost}; still lost after rollout.max_batch_retries={attempt} re-samples") from lost
+                log.warning("%s", lost)
+                self.algorithm.load_state_dict(copy.deepcopy(state))
+                for i in lost.batches:
+                    # regenerate counts it in policy/reissued_batches
+                    batches[i] = self._admit(plan.requests[i], plan.group_ids[i], self.rollouts.regenerate(plan.requests[i], batches[i].offset), version)
+        raise AssertionError("unreachable")
 
     # --- loop --------------------------------------------------------------
     def run(self) -> Path | str:
@@ -264,11 +287,21 @@ class Trainer:
         S = cfg.train.max_staleness
         for ahead in range(epoch, min(epoch + S, cfg.train.num_epochs - 1) + 1):
             self.rollouts.dispatch(ahead, self.batch_requests(ahead))
-        batch = self._collect(epoch, self.learner.version)
+        version = self.learner.version
+        batches = self._collect(epoch, version)
         t_wait = time.perf_counter() - t0
-        staleness = self.learner.version - batch.version
-        batch = self.algorithm.prepare(batch)
-        train_metrics = self.learner.train(batch)
+        batch, train_metrics = self._train_on(epoch, batches, version)  # `batch`: the prepared metadata
+        staleness = version - batch.version
+        via_driver = sum(payload_bytes(b.meta) for b in batches)  # what the driver fetched (metadata; images below)
+        images = None
+        if cfg.output.image_grid_every and epoch % cfg.output.image_grid_every == 0:
+            images = fetch_images(batches, 16, cfg.rollout.task_timeout_s)
+            via_driver += payload_bytes(images)
+        records_batch = batch
+        if self.records and self.records.keep_tensors:  # output.record_tensors: the driver fetches the tensors too
+            whole = Trajectory.cat([fetch_whole(b, cfg.rollout.task_timeout_s) for b in batches])
+            records_batch = replace(batch, latents=whole.latents, log_probs=whole.log_probs)
+            via_driver += payload_bytes([records_batch.latents, records_batch.log_probs])
         t_sync = time.perf_counter()
         swaps = self.rollouts.push_weights(self.learner.publish())
         if S == 0:  # publish -> every rollout worker swapped; the next batch waits for it anyway
@@ -278,9 +311,10 @@ class Trainer:
                 pass
         t_sync = time.perf_counter() - t_sync  # S > 0: publish + enqueue (the swap waits behind batches in flight)
         metrics = self._epoch_metrics(batch, train_metrics, staleness, t_wait, t_sync, time.perf_counter() - t0)
+        metrics["data/bytes_via_driver"] = via_driver
         if self.records:
-            self.records.write(epoch, batch, self.learner.version - 1, {"rollout_wait_s": t_wait, "learner_step_s": train_metrics.get("time/learner_step_s", 0.0), "sync_s": t_sync})
-        return metrics, batch.images, batch.prompts
+            self.records.write(epoch, records_batch, self.learner.version - 1, {"rollout_wait_s": t_wait, "learner_step_s": train_metrics.get("time/learner_step_s", 0.0), "sync_s": t_sync})
+        return metrics, images, batch.prompts
 
     def train_epoch_sync(self, epoch: int):
         """Sync algorithms: the learner samples with gradients from a prompt batch and reports its own rewards."""
@@ -344,23 +378,7 @@ class Trainer:
             "time/reward_wait_s": batch.timings.get("reward_wait_s", 0.0),  # rollouts blocked on scores (GPU idle), summed
             "reward/round_trips": batch.timings.get("reward_calls", 0),  # reward-service calls made for this epoch's batches
             "throughput/samples_per_s": len(batch) / max(t_epoch, 1e-9),
-            "data/bytes_per_epoch": trajectory_bytes(batch),  # what the learner ranks received for this epoch
             "data/samples_per_epoch": len(batch),
         })
         return m
 
-
-def trajectory_bytes(batch: Trajectory) -> int:
-    """Bytes of the tensors and arrays a trajectory batch carries (what moves from rollouts to learners)."""
-    def size(v) -> int:
-        if isinstance(v, torch.Tensor):
-            return v.numel() * v.element_size()
-        if isinstance(v, np.ndarray):
-            return v.nbytes
-        if isinstance(v, dict):
-            return sum(size(x) for x in v.values())
-        if hasattr(v, "__dataclass_fields__"):
-            return sum(size(getattr(v, f)) for f in v.__dataclass_fields__)
-        return 0
-
-    return size(batch)

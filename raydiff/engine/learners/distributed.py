@@ -1,7 +1,8 @@
 """Data-parallel learners: the same `Learner` on every Ray Train worker, stepping a DeepSpeed engine.
 
-    driver (Trainer) ── GroupLearnerHandle.train(batch) ──► LearnerGroup.run([shard_0..shard_{W-1}])
-                                                              rank r: DistributedLearner.run_task(("train", shard_r))
+    driver (Trainer) ── GroupLearnerHandle.train(EpochBatch) ──► LearnerGroup.run([refs_0..refs_{W-1}])
+                                                              rank r: DistributedLearner.run_task(("train", refs_r))
+                                                              fetches its pieces itself (engine/datapath.py)
     publish(): every rank gathers (collective under ZeRO-3); rank 0 puts the update
     into the object store and only its ObjectRef travels back to the driver.
 
@@ -19,6 +20,7 @@ import uuid
 import ray
 import torch
 
+from raydiff.engine.datapath import LOST, EpochBatch, lost_error
 from raydiff.engine.learners.learner import Learner
 from raydiff.engine.storage import Scratch, Storage, join_uri, read_probe
 from raydiff.engine.weight_sync import make_update
@@ -60,7 +62,8 @@ class DistributedLearner:
         kind = task[0]
         if kind == "train":
             metrics = self.learner.train(task[1])
-            self.learner.version = task[2]  # the driver's count: stays right across worker restarts
+            if LOST not in metrics:  # pieces lost: nothing trained (every rank knows), the driver re-samples
+                self.learner.version = task[2]  # the driver's count: stays right across worker restarts
             return metrics
         if kind == "publish":
             return self.publish()
@@ -155,7 +158,10 @@ class GroupLearnerHandle:
         self.storage.write_bytes(RESTART_FILE, str(directory).encode())
 
     def train(self, batch) -> dict:
-        shards = [batch.shard(r, self.world) for r in range(self.world)]
+        if isinstance(batch, EpochBatch):  # refs + metadata: each rank fetches its own pieces (engine/datapath.py)
+            shards = batch.shards(self.world)
+        else:
+            shards = [batch.shard(r, self.world) for r in range(self.world)]
         if isinstance(batch, Trajectory):
             # Equal shard lengths on every rank, so every rank makes the same number of
             # backward calls (a DeepSpeed boundary step is a collective): the short ones get
@@ -163,12 +169,17 @@ class GroupLearnerHandle:
             longest = max(len(s) for s in shards)
             shards = [s.pad_to(longest) for s in shards]
         results = self.group.run([("train", s, self.version + 1) for s in shards])
+        lost = lost_error(results)
+        if lost is not None:
+            raise lost
         self.version += 1
         merged = {}
         for k, v in results[0].items():
             vals = [r[k] for r in results if k in r]
             if not isinstance(v, (int, float)):
                 merged[k] = v
+            elif k.startswith("data/bytes"):  # bytes each rank fetched: the group's total
+                merged[k] = sum(vals)
             else:
                 merged[k] = max(vals) if k.endswith("max_dev") else sum(vals) / len(vals)
         return merged

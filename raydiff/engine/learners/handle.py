@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ray
 
+from raydiff.engine.datapath import EpochBatch, lost_error
 from raydiff.engine.learners.learner import Learner
 from raydiff.types import Trajectory
 
@@ -20,8 +21,13 @@ class LearnerHandle:
         ray.get(self.actor.ready.remote())
         self.version = 0
 
-    def train(self, batch: Trajectory) -> dict:
+    def train(self, batch: Trajectory | EpochBatch) -> dict:
+        if isinstance(batch, EpochBatch):  # refs + metadata: the learner fetches the pieces itself (engine/datapath.py)
+            batch = batch.shards(1)[0]
         metrics = ray.get(self.actor.train.remote(batch))
+        lost = lost_error([metrics])
+        if lost is not None:
+            raise lost
         self.version += 1
         return metrics
 

@@ -14,6 +14,7 @@ from collections import defaultdict
 import torch
 
 from raydiff.algorithms.registry import make_algorithm
+from raydiff.engine.datapath import ShardRefs, receive
 from raydiff.engine.learners.optim import TorchStepper
 from raydiff.engine.storage import Scratch, Storage
 from raydiff.engine.weight_sync import make_update
@@ -56,6 +57,12 @@ class Learner:
         sync algorithm made) is passed through for the driver's image grid.
         """
         t0 = time.perf_counter()
+        received = {}
+        if isinstance(batch, ShardRefs):  # the data path: fetch this rank's pieces itself (engine/datapath.py)
+            batch, received = receive(batch, self.world_size)
+            if batch is None:  # pieces lost on some rank: no rank trains, the driver re-samples them
+                return received
+            received["time/learner_fetch_s"] = time.perf_counter() - t0
         sums: dict[str, float] = defaultdict(float)
         extra: dict = {}
         maxes: dict[str, float] = {}
@@ -85,6 +92,7 @@ class Learner:
                     "time/learner_step_s": time.perf_counter() - t0, "time/learner_prepare_s": t_prep})
         out.update({f"train/grad_norm_{k}": v for k, v in self.stepper.group_grad_norms.items() if k != "policy"})
         out.update(extra)
+        out.update(received)
         return out
 
     def publish(self) -> dict:

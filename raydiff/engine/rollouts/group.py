@@ -14,8 +14,8 @@ from collections import deque
 import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayError
 
+from raydiff.engine.datapath import RolloutBatch
 from raydiff.engine.rollouts.worker import RolloutWorker
-from raydiff.types import Trajectory
 
 log = logging.getLogger("raydiff.rollouts")
 RESTART_GRACE_S = 30.0  # how long a re-issue waits for a restarting worker before using another one
@@ -91,6 +91,7 @@ class RolloutGroup:
             for i in range(r.num_workers)
         ]
         self.timeout_s, self.max_retries = r.task_timeout_s, r.max_batch_retries
+        self.world = cfg.learner.num_workers  # a batch's tensors are cut into one piece per learner rank (engine/datapath.py)
         ray.get([a.ready.remote() for a in self.actors], timeout=r.placement_timeout_s + r.task_timeout_s)
         self.pending: dict[int, list] = {}
         # Per worker, batches started whose `finish` is not issued yet: (epoch, index, key ref), FIFO.
@@ -125,10 +126,12 @@ class RolloutGroup:
         if epoch in self.pending:
             return
         self.pending[epoch] = entries = []
+        offset = 0  # each batch's first sample in the epoch: says which learner rank gets which sample
         for req in requests:
             worker = self._live(req[0])
             self.reissued += worker != req[0]  # a down worker's batch sent to a stand-in counts as re-issued
-            entries.append([req, None])
+            entries.append([req, None, offset])
+            offset += len(req[1])
             self.unfinished[worker].append((epoch, len(entries) - 1, self.actors[worker].start.remote(req[1], req[2])))
             while len(self.unfinished[worker]) > self.lag:
                 self._issue_finish(worker)
@@ -136,26 +139,28 @@ class RolloutGroup:
     def _issue_finish(self, worker: int) -> None:
         epoch, index, key_ref = self.unfinished[worker].popleft()
         if epoch in self.pending:
-            self.pending[epoch][index][1] = self.actors[worker].finish.remote(key_ref)
+            entry = self.pending[epoch][index]
+            entry[1] = self.actors[worker].finish_parts.options(num_returns=2 + self.world).remote(key_ref, entry[2], self.world)
         else:  # dropped by reset(): still finish it, so the worker frees the batch
             self.actors[worker].finish.remote(key_ref)
 
-    def gather(self, epoch: int) -> list[Trajectory]:
+    def gather(self, epoch: int) -> list[RolloutBatch]:
+        """The epoch's batches in request order: metadata fetched, images and tensor pieces as refs."""
         for worker, queue in enumerate(self.unfinished):  # this epoch's (and older) open batches: finish now
             while queue and queue[0][0] <= epoch:
                 self._issue_finish(worker)
-        out = [self._resolve(req, ref, epoch) for req, ref in self.pending.pop(epoch)]
+        out = [self._resolve(req, refs, epoch, offset) for req, refs, offset in self.pending.pop(epoch)]
         self._check_acks()
         return out
 
-    def _resolve(self, req, ref, epoch) -> Trajectory:
-        """The batch behind `ref`, re-issued (bounded) whenever fetching it fails."""
+    def _resolve(self, req, refs, epoch, offset: int) -> RolloutBatch:
+        """The batch behind `refs` (its metadata fetched), re-issued (bounded) whenever fetching it fails."""
         last: BaseException | None = None
         for attempt in range(self.max_retries + 1):
             try:
-                if ref is None:
-                    ref = self._reissue(req)
-                return ray.get(ref, timeout=self.timeout_s)
+                if refs is None:
+                    refs = self._reissue(req, offset)
+                return RolloutBatch(ray.get(refs[0], timeout=self.timeout_s), refs[1], list(refs[2:]), offset)
             except GetTimeoutError as e:
                 last = e
                 log.warning("rollout worker %d: no batch within rollout.task_timeout_s=%g s; restarting it", req[0], self.timeout_s)
@@ -163,13 +168,13 @@ class RolloutGroup:
             except RayError as e:
                 last = e
                 log.warning("rollout worker %d: batch failed (%s); re-issuing it (%d/%d)", req[0], _cause_text(e), attempt + 1, self.max_retries)
-            ref = None
+            refs = None
         failure = _rollout_failure(last, req, epoch, self.max_retries + 1)
         log.error("%s", failure)
         raise failure from last
 
-    def _reissue(self, req):
-        """Queue `req` again, with the latest weights, on its worker once alive, else on another live one."""
+    def _reissue(self, req, offset: int):
+        """Queue `req` again, with the latest weights, on its worker once alive, else on another live one; its refs."""
         worker, prompts, seed = req
         # Its own worker if it is back within a short grace (a restart on a live node takes seconds),
         # else any live one; a worker that does not answer is marked down until its probe answers.
@@ -186,12 +191,12 @@ class RolloutGroup:
                 if not ok:
                     raise RolloutFailed(f"rollout worker {i} rejected the latest weight update (checksum or order; see its log)")
             self.reissued += 1
-            return actor.generate.remote(prompts, seed)
+            return actor.generate_parts.options(num_returns=2 + self.world).remote(prompts, seed, offset, self.world)
         raise RolloutFailed(f"no rollout worker is alive to re-issue worker {worker}'s batch (rollout.max_restarts exhausted on all)")
 
-    def regenerate(self, req: tuple[int, list[str], int]) -> Trajectory:
-        """Sample `req` again (its worker, restarted if needed, else another) with the latest weights."""
-        return self._resolve(req, None, None)
+    def regenerate(self, req: tuple[int, list[str], int], offset: int = 0) -> RolloutBatch:
+        """Sample `req` (batch at `offset` in its epoch) again (its worker, restarted if needed, else another) with the latest weights."""
+        return self._resolve(req, None, None, offset)
 
     def push_weights(self, update_ref, rewind: bool = False) -> list:
         """Queue the update on every actor behind its current batches (actor tasks run in order);

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from raydiff.engine.cluster.plan import runtime_decode_chunk
+from raydiff.engine.datapath import split_trajectory
 from raydiff.engine.rollouts.scoring import ScoringJob, scoring_pool
 from raydiff.engine.weight_sync import verdict
 from raydiff.models.loader import load_model
@@ -142,6 +143,15 @@ class RolloutWorker:
                         "reward_wait_s": wait, "reward_calls": len(jobs), "rollout_batches": 1,
                         "reward_resends": sum(j.attempts - 1 for j in jobs)}
         return traj
+
+    def finish_parts(self, key: int, offset: int, world: int) -> tuple:
+        """`finish`, split for the data path (engine/datapath.py): (metadata, images, one tensor piece per
+        learner rank); the caller asks for num_returns = 2 + world, so it owns every part."""
+        return split_trajectory(self.finish(key), offset, world, self.needs.final_latents_only)
+
+    def generate_parts(self, prompts: list[str], seed: int, offset: int, world: int) -> tuple:
+        """`generate`, split as `finish_parts` (a re-issued or re-sampled batch)."""
+        return self.finish_parts(self.start(prompts, seed), offset, world)
 
     def generate(self, prompts: list[str], seed: int) -> Trajectory:
         """Sample and score one batch, waiting for its scores (serial: no overlap)."""
