@@ -147,7 +147,7 @@ def test_learner_worker_crash_rewinds_the_driver(ray_cluster, tmp_path):
     """Kill one Ray Train learner rank mid-run: Ray Train restarts the group, the ranks restore the run's
     latest checkpoint and agree on it by checksum, the batch in flight is dropped, and the driver rewinds
     its own version, algorithm state and epoch to that checkpoint (no silent rollback). S = 0, so the final
-    weights would equal an uninterrupted run's if runs were deterministic (they are not yet: see below)."""
+    weights equal an uninterrupted run's bit for bit (the rewound epochs re-run exactly)."""
     overrides = ["output.progress=false", "learner.num_workers=2", "train.num_epochs=5", "output.checkpoint_every=2",
                  "train.verify_weights_every=1", "output.tensorboard=false", "output.image_grid_every=0",
                  "output.experience_records=false", "sampling.batch_size=4", "sampling.num_steps=3", "algorithm.train_batch_size=4"]
@@ -179,9 +179,13 @@ def test_learner_worker_crash_rewinds_the_driver(ray_cluster, tmp_path):
     # The ranks restored exactly the rewound checkpoint (they agreed on its checksum before serving a task).
     saved = torch.load(trainer.rewinds[0] / "learner" / "learner.pt", weights_only=False)["weights"]
     assert trainer.restored_checksums == {state_checksum(saved)}
-    # Not asserted: final weights == an uninterrupted run's. Two fault-free runs of this config already
-    # differ from epoch 1 on (measured 2026-11-29: reward/mean 0.48709 vs 0.48632 at epoch 1), so the
-    # comparison waits for run-to-run determinism (S = 0 bit-exact resume, issue #14 point 2).
+
+    # S = 0: the crashed run ends on exactly the weights of an uninterrupted run of the same config.
+    Trainer(load_config("configs/tiny_ddpo.yaml", [f"output.run_dir={tmp_path / 'clean'}", *overrides])).run()
+    final = lambda d: torch.load(ckpt.latest_checkpoint(d) / "learner" / "learner.pt", weights_only=False)["weights"]  # noqa: E731
+    crashed, clean = final(tmp_path / "crash"), final(tmp_path / "clean")
+    assert crashed.keys() == clean.keys() and all(torch.equal(crashed[k], clean[k]) for k in clean), \
+        [k for k in clean if not torch.equal(crashed[k], clean[k])]
 
 
 def _run_trainer(trainer, errors) -> None:
