@@ -150,7 +150,8 @@ def test_learner_worker_crash_rewinds_the_driver(ray_cluster, tmp_path):
     weights equal an uninterrupted run's bit for bit (the rewound epochs re-run exactly)."""
     overrides = ["output.progress=false", "learner.num_workers=2", "train.num_epochs=5", "output.checkpoint_every=2",
                  "train.verify_weights_every=1", "output.tensorboard=false", "output.image_grid_every=0",
-                 "output.experience_records=false", "sampling.batch_size=4", "sampling.num_steps=3", "algorithm.train_batch_size=4"]
+                 "output.experience_records=false", "sampling.batch_size=4", "sampling.num_steps=3", "algorithm.train_batch_size=4",
+                 "model.lora.dropout=0.1"]  # dropout: the restored ranks must also resume torch's global random stream
     cfg = load_config("configs/tiny_ddpo.yaml", [f"output.run_dir={tmp_path / 'crash'}", *overrides])
     trainer, errors = Trainer(cfg), []
     t = threading.Thread(target=lambda: _run_trainer(trainer, errors))
