@@ -153,26 +153,30 @@ def test_learner_worker_crash_rewinds_the_driver(ray_cluster, tmp_path):
                  "output.experience_records=false", "sampling.batch_size=4", "sampling.num_steps=3", "algorithm.train_batch_size=4",
                  "model.lora.dropout=0.1"]  # dropout: the restored ranks must also resume torch's global random stream
     cfg = load_config("configs/tiny_ddpo.yaml", [f"output.run_dir={tmp_path / 'crash'}", *overrides])
-    trainer, errors = Trainer(cfg), []
+    trainer, errors, killed = Trainer(cfg), [], []
+    epoch_fn = trainer.train_epoch
+
+    def kill_then_train(epoch: int):
+        # Epoch 1's checkpoint is complete and marked as the restart point before epoch 2 starts (a kill
+        # while it is being written would rewind to step_-00001, which the run prunes before the end).
+        if epoch == 2 and not killed:
+            killed.append(ray.get(trainer.learner.group.coordinator.status.remote())["restored"][1]["pid"])
+            os.kill(killed[0], signal.SIGKILL)  # a crash of the rank this run's learner group started
+        return epoch_fn(epoch)
+
+    trainer.train_epoch = kill_then_train
     t = threading.Thread(target=lambda: _run_trainer(trainer, errors))
     t.start()
-    killed = None
-    deadline = time.time() + 600
-    while time.time() < deadline and t.is_alive() and killed is None:
-        if len(read_metrics(tmp_path / "crash")) >= 2:
-            status = ray.get(trainer.learner.group.coordinator.status.remote())
-            killed = status["restored"][1]["pid"]
-            os.kill(killed, signal.SIGKILL)  # a crash of the rank this run's learner group started
-        time.sleep(0.2)
     t.join(timeout=600)
+    assert not t.is_alive(), "the run did not finish within 600 s"
     assert not errors, errors
-    assert killed is not None, "run ended before a learner rank could be killed"
+    assert killed, "no learner rank was killed"
     assert trainer.learner_restarts == 1 and len(trainer.rewinds) == 1
     restored = torch.load(trainer.rewinds[0] / "driver.pt", weights_only=False)
     rows = read_metrics(tmp_path / "crash")
     steps = [r["step"] for r in rows]
     assert steps[-1] == 4 and sorted(set(steps)) == list(range(5))
-    assert restored["epoch"] < 4 and restored["version"] == restored["epoch"] + 1  # step_-00001 holds version 0
+    assert restored["epoch"] == 1 and restored["version"] == 2  # the run went on from epoch 1's checkpoint
     # After the rewind the driver counts from the restored version: every epoch trains version epoch + 1.
     assert all(r["policy/version"] == r["step"] + 1 for r in rows) and all(r["policy/weights_consistent"] == 1 for r in rows)
     assert rows[-1]["policy/learner_restarts"] == 1

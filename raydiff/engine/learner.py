@@ -60,8 +60,8 @@ class Learner:
             return
         self.rng.set_state(state["learner"])
         torch.set_rng_state(state["torch"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        for device, cuda_state in enumerate(state.get("cuda", [])[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
 
     def train(self, batch: Trajectory | PromptBatch) -> dict:
         """One update round on `batch` (this worker's shard), as the algorithm cuts it; bumps the policy version once.
