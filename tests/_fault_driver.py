@@ -2,7 +2,8 @@
 
 Joins the cluster in RAY_ADDRESS, trains, and writes under OUT (a folder the test reads):
   roles.json   once the first epoch is logged: the node id of every rollout worker and learner rank,
-  result.json  at the end: metrics rows, learner restarts, checkpoints rewound to, final weights' checksum.
+  result.json  at the end: metrics rows, learner restarts, checkpoints rewound to, final weights' checksum;
+  final_weights.pt  at the end: the last checkpoint's learner weights (for tensor-by-tensor comparisons).
 The test stops nodes in between (by process group). Once roles.json is out, the next epoch waits until
 the test writes OUT/go (after its fault), so a fast machine cannot finish the run before the fault lands.
 """
@@ -68,6 +69,7 @@ def main() -> None:
     result = {"rows": read_metrics(trainer.run_dir), "learner_restarts": trainer.learner_restarts,
               "rewinds": [str(p) for p in trainer.rewinds], "final_checksum": state_checksum(weights),
               "reissued": trainer.rollouts.reissued, "restored_checksums": sorted(map(str, trainer.restored_checksums))}
+    torch.save(weights, out / "final_weights.pt")
     (out / "result.json").write_text(json.dumps(result, default=float))
 
 

@@ -9,7 +9,8 @@ async DDPO at S = 0 (every batch sampled with the latest weights), local-disk st
   batch is full, the run completes.
 - Stop the learner node mid-run and start a replacement: Ray Train restarts the group there, the ranks
   restore the run's restart point, the driver rewinds its version to it, the run completes.
-- Not yet shown: equal final weights across runs (fault-free runs are not bit-reproducible yet).
+- S = 0, so neither fault may change the result: both runs end on the weights of an uninterrupted run
+  of the same config, tensor for tensor.
 """
 
 from __future__ import annotations
@@ -71,6 +72,42 @@ def _finish(proc, out: Path, timeout_s: float = 900) -> dict:
     return json.loads((out / "result.json").read_text())
 
 
+def _final_weights(out: Path) -> dict:
+    import torch
+
+    return torch.load(out / "final_weights.pt", weights_only=False)
+
+
+def _assert_same_weights(got: dict, expected: dict) -> None:
+    import torch
+
+    assert got.keys() == expected.keys()
+    differ = [k for k in expected if not torch.equal(got[k], expected[k])]
+    assert not differ, f"{len(differ)} of {len(expected)} tensors differ from the uninterrupted run's, e.g. {differ[:3]}"
+
+
+def _rollout_nodes_back(cluster) -> None:
+    """A rollout node stopped by an earlier test stays gone: give every rollout worker a node again."""
+    alive = [n for n in cluster.nodes if n.resources.get("rollout")]
+    cluster.rollout_nodes = alive + [cluster.add_node(num_cpus=1, resources={"rollout": 1}) for _ in range(2 - len(alive))]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, tmp_path_factory, tiny_sd) -> dict:
+    """The final weights of a fault-free run of the same config: what both fault runs must end on (S = 0)."""
+    _rollout_nodes_back(cluster)
+    out = tmp_path_factory.mktemp("uninterrupted")
+    (out / "go").write_text("")  # no fault to wait for
+    proc = _start(cluster, out, tiny_sd)
+    try:
+        result = _finish(proc, out)
+    finally:
+        if proc.poll() is None:
+            stop_group(proc)
+    assert result["learner_restarts"] == 0 and [r["step"] for r in result["rows"]] == list(range(EPOCHS))
+    return _final_weights(out)
+
+
 def _node_of(cluster, node_id):
     return next(n for n in cluster.nodes if n.node_id == node_id)
 
@@ -85,14 +122,14 @@ def rollout_node_lost(cluster, tmp_path_factory, tiny_sd):
         stop_group(victim.proc)  # the node, by its process group: raylet and every worker on it
         cluster.nodes.remove(victim)
         (out / "go").write_text("")  # the driver's next epoch runs only now (tests/_fault_driver.py)
-        return roles, _finish(proc, out)
+        return roles, _finish(proc, out), _final_weights(out)
     finally:
         if proc.poll() is None:
             stop_group(proc)
 
 
 def test_each_role_runs_on_its_own_node(cluster, rollout_node_lost):
-    roles, _ = rollout_node_lost
+    roles, _, _ = rollout_node_lost
     rollout_ids = {n.node_id for n in cluster.rollout_nodes}
     assert set(roles["rollout"]) == rollout_ids and len(set(roles["rollout"])) == 2  # one worker per rollout node
     assert set(roles["learner"]) == {cluster.learner_node.node_id}  # both ranks on the learner node
@@ -100,19 +137,18 @@ def test_each_role_runs_on_its_own_node(cluster, rollout_node_lost):
     assert roles["driver"] not in workers  # the driver runs on the head, which has no work resources
 
 
-def test_lost_rollout_node_every_batch_full(rollout_node_lost):
-    _, result = rollout_node_lost
+def test_lost_rollout_node_every_batch_full(rollout_node_lost, uninterrupted):
+    _, result, weights = rollout_node_lost
     rows = result["rows"]
     assert [r["step"] for r in rows] == list(range(EPOCHS))
     assert all(r["data/samples_per_epoch"] == 4 for r in rows)  # 2 workers x batch 2, every epoch
     assert all(r["policy/weights_consistent"] == 1 for r in rows)
     assert result["reissued"] >= 1 or rows[-1]["policy/reissued_batches"] >= 1
+    _assert_same_weights(weights, uninterrupted)  # the re-issued batches were sampled exactly as planned
 
 
-def test_lost_learner_node_restarts_on_a_replacement_and_rewinds(cluster, tmp_path, tiny_sd):
-    # A rollout node stopped by an earlier test stays gone: give rollout worker 0 a node again.
-    alive = [n for n in cluster.nodes if n.resources.get("rollout")]
-    cluster.rollout_nodes = alive + [cluster.add_node(num_cpus=1, resources={"rollout": 1}) for _ in range(2 - len(alive))]
+def test_lost_learner_node_restarts_on_a_replacement_and_rewinds(cluster, tmp_path, tiny_sd, uninterrupted):
+    _rollout_nodes_back(cluster)
     out = tmp_path / "learner_lost"
     out.mkdir()
     proc = _start(cluster, out, tiny_sd)
@@ -132,7 +168,8 @@ def test_lost_learner_node_restarts_on_a_replacement_and_rewinds(cluster, tmp_pa
     assert rows_before >= 1 and sorted({r["step"] for r in rows}) == list(range(EPOCHS))
     assert all(r["policy/version"] == r["step"] + 1 for r in rows)  # the driver's version was reset, then counted on
     assert all(r["policy/weights_consistent"] == 1 for r in rows) and rows[-1]["policy/learner_restarts"] == 1
-    # Not asserted: equal final weights across runs (two fault-free runs already differ; see test_engine.py).
+    # S = 0: the rewound epochs re-ran exactly, so the run ends where an uninterrupted one does.
+    _assert_same_weights(_final_weights(out), uninterrupted)
 
 
 def test_roles_that_never_fit_together_fail_at_start_naming_the_demand(cluster, tmp_path, tiny_sd):

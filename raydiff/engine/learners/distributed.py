@@ -95,10 +95,10 @@ class DistributedLearner:
         with Scratch("raydiff-ds-") as d:
             L = self.learner
             L.stepper.save_checkpoint(str(d / "deepspeed"), tag="state",
-                                      client_state={"version": L.version, "rng": L.rng.get_state()})
+                                      client_state={"version": L.version, "rng": L.rng_state()})
             # DeepSpeed keeps client_state in rank 0's file only, so every rank would resume with
             # rank 0's RNG (other minibatch orders than an uninterrupted run): each rank saves its own.
-            torch.save(L.rng.get_state(), d / "deepspeed" / f"rng_rank{L.rank}.pt")
+            torch.save(L.rng_state(), d / "deepspeed" / f"rng_rank{L.rank}.pt")
             full = L.stepper.gathered_trainable_state()  # collective under ZeRO-3
             state = self._denoiser_state(full)
             if L.rank == 0:
@@ -108,7 +108,7 @@ class DistributedLearner:
                     modules = {name: m.state_dict() for name, m in L.modules.items()}
                 # Same layout as Learner.save minus the optimiser (that lives in deepspeed/): a
                 # single-process Learner can load it too.
-                torch.save({"weights": state, "modules": modules, "version": L.version, "rng": L.rng.get_state()}, d / "learner.pt")
+                torch.save({"weights": state, "modules": modules, "version": L.version, "rng": L.rng_state()}, d / "learner.pt")
                 export_weights(L.model, d / "export", state=state)
             return Storage(directory).upload_dir(d, "")
 
@@ -121,7 +121,7 @@ class DistributedLearner:
             own_rng = d / "deepspeed" / f"rng_rank{L.rank}.pt"
             rng = torch.load(own_rng, weights_only=False) if own_rng.is_file() else client["rng"]
         L.version = client["version"]
-        L.rng.set_state(rng)
+        L.set_rng_state(rng)
         return L.version
 
 

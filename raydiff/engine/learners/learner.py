@@ -50,6 +50,25 @@ class Learner:
     def ready(self) -> int:
         return self.rank
 
+    def rng_state(self) -> dict:
+        """Every random stream a train step draws from: the minibatch/timestep generator and torch's
+        global generators (LoRA dropout). A checkpoint without the global ones resumes with other
+        dropout masks than the uninterrupted run (S = 0 would not be bit-exact)."""
+        state = {"learner": self.rng.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def set_rng_state(self, state) -> None:
+        """Restore `rng_state()` (a bare tensor: a checkpoint from before it held the global streams)."""
+        if isinstance(state, torch.Tensor):
+            self.rng.set_state(state)
+            return
+        self.rng.set_state(state["learner"])
+        torch.set_rng_state(state["torch"])
+        for device, cuda_state in enumerate(state.get("cuda", [])[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
+
     def train(self, batch: Trajectory | PromptBatch) -> dict:
         """One update round on `batch` (this worker's shard), as the algorithm cuts it; bumps the policy version once.
 
@@ -108,7 +127,7 @@ class Learner:
                 "modules": {k: m.state_dict() for k, m in self.modules.items()},
                 "stepper": self.stepper.state_dict(),
                 "version": self.version,
-                "rng": self.rng.get_state(),
+                "rng": self.rng_state(),
             }, d / "learner.pt")
             export_weights(self.model, d / "export")
             return Storage(directory).upload_dir(d, "")
@@ -121,4 +140,4 @@ class Learner:
         if "stepper" in state:  # absent in DeepSpeed checkpoints (optimiser state under deepspeed/)
             self.stepper.load_state_dict(state["stepper"])
         self.version = state["version"]
-        self.rng.set_state(state["rng"])
+        self.set_rng_state(state["rng"])
