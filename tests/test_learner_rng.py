@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from raydiff.config import load_config
-from raydiff.engine.learner import Learner
+from raydiff.engine.learners.learner import Learner
 
 
 def _draws(learner: Learner) -> tuple[torch.Tensor, torch.Tensor]:
