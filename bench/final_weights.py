@@ -13,7 +13,6 @@ from __future__ import annotations
 import sys
 
 import ray
-import torch
 
 from raydiff.config import load_config
 from raydiff.engine import checkpoint as ckpt
@@ -29,7 +28,7 @@ def main(out: str, engine: str) -> None:
         "rollout.num_workers=2", "sampling.batch_size=3", "sampling.num_steps=2", "train.batches_per_epoch=1", "train.num_epochs=3",
         "algorithm.train_batch_size=2", "output.tensorboard=false", "output.image_grid_every=0", "output.checkpoint_every=0"])
     Trainer(cfg).run()
-    weights = torch.load(ckpt.latest_checkpoint(out) / "learner" / "learner.pt", weights_only=False)["weights"]
+    weights = ckpt.learner_weights(ckpt.latest_checkpoint(out))
     print("CHECKSUM", engine, state_checksum(weights))
 
 

@@ -65,7 +65,7 @@ def main() -> None:
     threading.Thread(target=_watch, args=(trainer, out), daemon=True).start()
     _hold_after_roles(trainer, out)
     trainer.run()
-    weights = torch.load(ckpt.latest_checkpoint(trainer.run_dir) / "learner" / "learner.pt", weights_only=False)["weights"]
+    weights = ckpt.learner_weights(ckpt.latest_checkpoint(trainer.run_dir))
     result = {"rows": read_metrics(trainer.run_dir), "learner_restarts": trainer.learner_restarts,
               "rewinds": [str(p) for p in trainer.rewinds], "final_checksum": state_checksum(weights),
               "reissued": trainer.rollouts.reissued, "restored_checksums": sorted(map(str, trainer.restored_checksums))}

@@ -161,12 +161,12 @@ def test_ranks_fetch_their_pieces_train_as_the_old_path_and_survive_a_lost_ref(r
         learner.shutdown()
 
 
-def _final_weights(run_dir):
-    from raydiff.engine import checkpoint as ckpt
+def _final_checksum(run_dir) -> str:
+    from _checkpoints import final_weights
+
     from raydiff.models.lora import state_checksum
 
-    last = ckpt.latest_checkpoint(run_dir)
-    return state_checksum(torch.load(last / "learner" / "learner.pt", weights_only=False)["weights"])
+    return state_checksum(final_weights(run_dir))
 
 
 def test_run_moves_tensors_past_the_driver_and_resamples_a_lost_batch(ray_cluster, tiny_sd, tmp_path):
@@ -201,7 +201,7 @@ def test_run_moves_tensors_past_the_driver_and_resamples_a_lost_batch(ray_cluste
 
             trainer._start_roles = start_and_lose
         trainer.run()
-        return read_metrics(tmp_path / name), _final_weights(tmp_path / name), cfg
+        return read_metrics(tmp_path / name), _final_checksum(tmp_path / name), cfg
 
     rows, lost_weights, cfg = run("lost", lose=True, record_tensors=False)
     assert [r["step"] for r in rows] == [0, 1, 2] and all(r["data/samples_per_epoch"] == 8 for r in rows)

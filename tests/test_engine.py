@@ -12,6 +12,8 @@ import pytest
 import ray
 import torch
 
+from _checkpoints import assert_same_weights, final_weights
+
 from raydiff.config import load_config
 from raydiff.engine import checkpoint as ckpt
 from raydiff.engine.metrics import read_metrics
@@ -187,13 +189,7 @@ def test_learner_worker_crash_rewinds_the_driver(ray_cluster, tmp_path):
 
     # S = 0: the crashed run ends on exactly the weights of an uninterrupted run of the same config.
     Trainer(load_config("configs/tiny_ddpo.yaml", [f"output.run_dir={tmp_path / 'clean'}", *overrides])).run()
-    crashed, clean = _final_weights(tmp_path / "crash"), _final_weights(tmp_path / "clean")
-    assert crashed.keys() == clean.keys() and all(torch.equal(crashed[k], clean[k]) for k in clean), \
-        [k for k in clean if not torch.equal(crashed[k], clean[k])]
-
-
-def _final_weights(run_dir) -> dict:
-    return torch.load(ckpt.latest_checkpoint(run_dir) / "learner" / "learner.pt", weights_only=False)["weights"]
+    assert_same_weights(final_weights(tmp_path / "crash"), final_weights(tmp_path / "clean"))
 
 
 def _run_trainer(trainer, errors) -> None:

@@ -6,6 +6,7 @@ import ray
 from raydiff.config import load_config
 from raydiff.engine.metrics import read_metrics
 from raydiff.engine.records import read_experience
+from raydiff.engine.rollouts.group import RolloutGroup
 from raydiff.engine.trainer import Trainer
 
 # 2 workers × batch 4 × 3 batches = 24 images = 4 groups of 6: every group spans two batches on two workers.
@@ -14,33 +15,27 @@ OVERRIDES = ["output.progress=false", "learner.engine=torch", "sampling.batch_si
              "output.image_grid_every=0"]
 
 
-def _kill_rollout_when_epoch_dispatched(trainer: Trainer, epoch: int, killed: list) -> None:
+def _kill_rollout_when_epoch_dispatched(monkeypatch, epoch: int, killed: list) -> None:
     """Kill rollout worker 0 (Ray restarts it) right after `epoch`'s batches are queued on it: the kill always
     lands on batches in flight, however fast the machine (a watcher thread polling metrics could miss them)."""
-    train_epoch = trainer.train_epoch
+    dispatch = RolloutGroup.dispatch
 
-    def train_epoch_with_kill(e: int):
-        if trainer.rollouts.dispatch.__name__ == "dispatch":
-            dispatch = trainer.rollouts.dispatch
+    def dispatch_then_kill(group, at: int, requests):
+        dispatch(group, at, requests)
+        if at == epoch and not killed:
+            ray.kill(group.actors[0], no_restart=False)
+            killed.append(at)
 
-            def dispatch_then_kill(at: int, requests):
-                dispatch(at, requests)
-                if at == epoch and not killed:
-                    ray.kill(trainer.rollouts.actors[0], no_restart=False)
-                    killed.append(at)
-
-            trainer.rollouts.dispatch = dispatch_then_kill
-        return train_epoch(e)
-
-    trainer.train_epoch = train_epoch_with_kill
+    monkeypatch.setattr(RolloutGroup, "dispatch", dispatch_then_kill)
 
 
 @pytest.mark.slow
-def test_groups_survive_actor_kill_and_resume(ray_cluster, tmp_path):
+def test_groups_survive_actor_kill_and_resume(ray_cluster, tmp_path, monkeypatch):
     cfg = load_config("configs/tiny_flow_grpo.yaml", [f"output.run_dir={tmp_path}", "train.num_epochs=3", *OVERRIDES])
-    trainer, killed = Trainer(cfg), []
-    _kill_rollout_when_epoch_dispatched(trainer, 2, killed)
-    trainer.run()
+    killed = []
+    _kill_rollout_when_epoch_dispatched(monkeypatch, 2, killed)
+    Trainer(cfg).run()
+    monkeypatch.undo()
     assert killed, "run ended before a rollout actor could be killed"
     first = read_metrics(tmp_path)
     assert first[-1]["policy/reissued_batches"] >= 1

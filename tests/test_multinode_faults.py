@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _checkpoints import assert_same_weights  # noqa: E402
 from _multinode import REPO, MultiNodeCluster  # noqa: E402
 from _private_head import stop_group  # noqa: E402
 
@@ -76,14 +77,6 @@ def _final_weights(out: Path) -> dict:
     import torch
 
     return torch.load(out / "final_weights.pt", weights_only=False)
-
-
-def _assert_same_weights(got: dict, expected: dict) -> None:
-    import torch
-
-    assert got.keys() == expected.keys()
-    differ = [k for k in expected if not torch.equal(got[k], expected[k])]
-    assert not differ, f"{len(differ)} of {len(expected)} tensors differ from the uninterrupted run's, e.g. {differ[:3]}"
 
 
 def _rollout_nodes_back(cluster) -> None:
@@ -144,7 +137,7 @@ def test_lost_rollout_node_every_batch_full(rollout_node_lost, uninterrupted):
     assert all(r["data/samples_per_epoch"] == 4 for r in rows)  # 2 workers x batch 2, every epoch
     assert all(r["policy/weights_consistent"] == 1 for r in rows)
     assert result["reissued"] >= 1 or rows[-1]["policy/reissued_batches"] >= 1
-    _assert_same_weights(weights, uninterrupted)  # the re-issued batches were sampled exactly as planned
+    assert_same_weights(weights, uninterrupted)  # the re-issued batches were sampled exactly as planned
 
 
 def test_lost_learner_node_restarts_on_a_replacement_and_rewinds(cluster, tmp_path, tiny_sd, uninterrupted):
@@ -169,7 +162,7 @@ def test_lost_learner_node_restarts_on_a_replacement_and_rewinds(cluster, tmp_pa
     assert all(r["policy/version"] == r["step"] + 1 for r in rows)  # the driver's version was reset, then counted on
     assert all(r["policy/weights_consistent"] == 1 for r in rows) and rows[-1]["policy/learner_restarts"] == 1
     # S = 0: the rewound epochs re-ran exactly, so the run ends where an uninterrupted one does.
-    _assert_same_weights(_final_weights(out), uninterrupted)
+    assert_same_weights(_final_weights(out), uninterrupted)
 
 
 def test_roles_that_never_fit_together_fail_at_start_naming_the_demand(cluster, tmp_path, tiny_sd):

@@ -4,7 +4,7 @@ mixed with pre-crash ones, and a resume is deterministic (docs/storage.md, "Resu
 import shutil
 
 import pytest
-import torch
+from _checkpoints import assert_same_weights, final_weights
 from conftest import train_config
 
 from raydiff.config import load_config
@@ -20,10 +20,6 @@ OVERRIDES = ["learner.engine=torch", "train.max_staleness=1", "output.checkpoint
 
 class InjectedCrash(RuntimeError):
     pass
-
-
-def _final_weights(run_dir) -> dict:
-    return torch.load(ckpt.latest_checkpoint(run_dir) / "learner" / "learner.pt", weights_only=False)["weights"]
 
 
 @pytest.mark.slow
@@ -60,5 +56,4 @@ def test_resume_at_staleness_1_resamples_in_flight_batches_deterministically(ray
     timing = {"time"} | {k for r in rows for k in r if k.startswith(("time/", "throughput/"))}
     other = read_metrics(runs[1])
     assert [{k: v for k, v in r.items() if k not in timing} for r in other] == [{k: v for k, v in r.items() if k not in timing} for r in rows]
-    a, b = (_final_weights(r) for r in runs)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resume at S=1 is not deterministic"
+    assert_same_weights(final_weights(runs[1]), final_weights(runs[0]), "the first resume's (S=1 resume not deterministic)")

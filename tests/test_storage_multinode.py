@@ -12,7 +12,6 @@ Shown:
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -22,9 +21,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _checkpoints import assert_same_weights, final_weights  # noqa: E402
 from _multinode import REPO, MultiNodeCluster  # noqa: E402
 
 from raydiff.engine import checkpoint as ckpt  # noqa: E402
@@ -86,12 +85,6 @@ def _wait(cluster, job_id: str, timeout: float = 600) -> str:
         logs = _cli(cluster, "logs", job_id)
         raise AssertionError(f"job {job_id} ended {state}:\n{logs[-6000:]}")
     return state
-
-
-def _final_weights(run: Storage) -> dict:
-    last = ckpt.latest_checkpoint(run)
-    data = Storage(ckpt.learner_uri(last)).read_bytes("learner.pt")
-    return torch.load(io.BytesIO(data), weights_only=False)["weights"]
 
 
 def _working_dir_outputs(cluster) -> list[str]:
@@ -157,9 +150,7 @@ def test_stopped_job_resubmitted_resumes_bit_identical(runs):
     full_run, run, stopped_at = runs
     assert stopped_at < EPOCHS - 1
     assert "resumed from" in run.read_bytes("logs/console.log").decode()
-    full, resumed = _final_weights(full_run), _final_weights(run)
-    assert full.keys() == resumed.keys()
-    assert all(torch.equal(full[k], resumed[k]) for k in full), "S=0 resume is not bit-identical"
+    assert_same_weights(final_weights(run), final_weights(full_run), "the uninterrupted run's (S=0 resume not bit-identical)")
     # Every epoch logged and recorded exactly once, although epochs after the checkpoint ran twice.
     assert [r["step"] for r in read_metrics(run)] == list(range(EPOCHS))
     rows = read_experience(run)

@@ -122,6 +122,11 @@ def learner_uri(checkpoint: Path | str) -> str:
     return join_uri(str(checkpoint), "learner")
 
 
+def learner_weights(checkpoint: Path | str) -> dict[str, torch.Tensor]:
+    """The trainable weights a checkpoint's learner.pt holds (a local path or a storage URI)."""
+    return torch.load(io.BytesIO(Storage(learner_uri(checkpoint)).read_bytes("learner.pt")), weights_only=False)["weights"]
+
+
 def checkpoint_of(learner_location: Path | str) -> Path | str:
     """The checkpoint holding a `learner_uri` (the inverse; a URI keeps its query options)."""
     base, sep, query = str(learner_location).partition("?")

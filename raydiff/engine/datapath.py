@@ -90,6 +90,10 @@ class TensorPiece:
     cond: Conditioning
     extras: dict = field(default_factory=dict)
 
+    def index(self, idx: list[int]) -> "TensorPiece":
+        i = torch.as_tensor(idx, dtype=torch.int64)
+        return TensorPiece(self.latents[i], self.log_probs[i], self.timesteps, self.cond.index(i), {k: v[i] for k, v in self.extras.items()})
+
 
 def rank_indices(n: int, offset: int, world: int, rank: int) -> list[int]:
     """Samples i of a batch at epoch offset `offset` that shard `rank` of `world` holds ((offset + i) % world == rank)."""
@@ -103,14 +107,10 @@ def split_trajectory(traj: Trajectory, offset: int, world: int, final_only: bool
     latents, log_probs, extras = traj.latents, traj.log_probs, traj.extras
     if final_only:
         latents, log_probs, extras = latents[:, -1:].contiguous(), log_probs[:, :0].contiguous(), {}
-    big = {k: v for k, v in extras.items() if _is_big(v)}
+    whole = TensorPiece(latents, log_probs, traj.timesteps, traj.cond, {k: v for k, v in extras.items() if _is_big(v)})
     meta = replace(traj, latents=None, log_probs=None, timesteps=None, cond=None, images=None,
                    extras={k: v for k, v in extras.items() if not _is_big(v)})
-    pieces = []
-    for r in range(world):
-        idx = torch.as_tensor(rank_indices(len(traj), offset, world, r), dtype=torch.int64)
-        pieces.append(TensorPiece(latents[idx], log_probs[idx], traj.timesteps, traj.cond.index(idx), {k: v[idx] for k, v in big.items()}))
-    return (meta, traj.images, *pieces)
+    return (meta, traj.images, *(whole.index(rank_indices(len(traj), offset, world, r)) for r in range(world)))
 
 
 @dataclass
@@ -125,10 +125,10 @@ class RolloutBatch:
 
 @dataclass
 class ShardRefs:
-    """What learner rank r receives: (batch index, ref of its piece, which of the piece's samples (None = all)),
-    its slice of the prepared metadata, and the length every rank pads to."""
+    """What learner rank r receives: (batch index, ref of its piece) per batch, its slice of the prepared
+    metadata, and the length every rank pads to."""
 
-    parts: list[tuple[int, Any, Optional[list[int]]]]
+    parts: list[tuple[int, Any]]
     meta: Trajectory
     pad_to: int
     timeout_s: float
@@ -151,17 +151,17 @@ class EpochBatch:
         for b in self.batches:
             if len(b.pieces) != world:
                 raise ValueError(f"rollout batch cut for {len(b.pieces)} learner ranks, the learner has {world}")
-        return [ShardRefs([(i, b.pieces[r], None) for i, b in enumerate(self.batches)], self.meta.shard(r, world), longest, self.timeout_s)
+        return [ShardRefs([(i, b.pieces[r]) for i, b in enumerate(self.batches)], self.meta.shard(r, world), longest, self.timeout_s)
                 for r in range(world)]
 
 
 def _fetch(parts, timeout_s: float) -> tuple[list, list[int], str]:
     """Fetch the pieces (in parallel); (pieces, lost batch indices, first error)."""
-    refs = [ref for _, ref, _ in parts]
+    refs = [ref for _, ref in parts]
     if refs:
         ray.wait(refs, num_returns=len(refs), timeout=timeout_s, fetch_local=True)
     got, lost, err = [], [], ""
-    for (b, ref, idx), _ in zip(parts, refs):
+    for b, ref in parts:
         try:
             piece = ray.get(ref, timeout=max(1.0, timeout_s / 10))
         except RayError as e:
@@ -169,13 +169,8 @@ def _fetch(parts, timeout_s: float) -> tuple[list, list[int], str]:
             cause = getattr(e, "cause", None) or e  # a task error's own exception, not Ray's wrapper
             err = err or f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
             continue
-        got.append(piece if idx is None else _index_piece(piece, idx))
+        got.append(piece)
     return got, lost, err
-
-
-def _index_piece(p: TensorPiece, idx: list[int]) -> TensorPiece:
-    i = torch.as_tensor(idx, dtype=torch.int64)
-    return TensorPiece(p.latents[i], p.log_probs[i], p.timesteps, p.cond.index(i), {k: v[i] for k, v in p.extras.items()})
 
 
 def assemble(meta: Trajectory, pieces: list[TensorPiece]) -> Trajectory:

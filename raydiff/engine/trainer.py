@@ -381,4 +381,3 @@ class Trainer:
             "data/samples_per_epoch": len(batch),
         })
         return m
-
