@@ -42,6 +42,14 @@ def resolve_tiny(path: str) -> str:
     return tiny_folder(kind)
 
 
+def save_on_any_rank(model, folder) -> None:
+    """`model.save_pretrained(folder)` in any process. transformers writes weights only on torch.distributed
+    rank 0 (`should_save_on_this_rank`), so a tiny model built by a learner rank != 0 (a cold cache) was
+    published with empty text-encoder folders; a tiny build is this process's own, whatever its rank."""
+    model.should_save_on_this_rank = lambda is_main_process: True
+    model.save_pretrained(folder)
+
+
 def _byte_vocab() -> tuple[dict[str, int], list[str]]:
     """A CLIP BPE vocabulary covering all 256 byte symbols (alone and word-final), no merges.
 
@@ -106,13 +114,13 @@ def build_tiny(kind: str, out_dir: str | Path, seed: int = 0) -> str:
         return _publish(tmp, out)
     _save_tokenizer(tmp / "tokenizer", max_length)
     te1 = _text_encoder(32, None, vocab_size, max_length, eos)
-    te1.save_pretrained(tmp / "text_encoder")
+    save_on_any_rank(te1, tmp / "text_encoder")
     cross_dim = 32
     unet_kwargs = {}
     if kind == "sdxl":
         _save_tokenizer(tmp / "tokenizer_2", max_length)
         te2 = _text_encoder(32, 32, vocab_size, max_length, eos)
-        te2.save_pretrained(tmp / "text_encoder_2")
+        save_on_any_rank(te2, tmp / "text_encoder_2")
         cross_dim = 64
         unet_kwargs = dict(
             addition_embed_type="text_time", addition_time_embed_dim=8,
@@ -160,15 +168,17 @@ def build_tiny(kind: str, out_dir: str | Path, seed: int = 0) -> str:
 
 
 def _publish(tmp: Path, out: Path) -> str:
-    """Move the finished build into place. A concurrent builder that won keeps its folder: others may be
-    loading from it already (removing it to put an identical one in its place broke their loads)."""
-    if (out / "model_index.json").is_file():
-        shutil.rmtree(tmp, ignore_errors=True)
-        return str(out)
-    if out.exists():  # a partial folder, not a published build (publishing is one rename)
-        shutil.rmtree(out)
+    """Move the finished build into place with one rename. A concurrent builder that won keeps its folder:
+    others may be loading from it already (checking "exists" and then deleting raced with its rename)."""
     try:
-        os.replace(tmp, out)
-    except OSError:  # another process built it first
+        os.replace(tmp, out)  # fails if `out` is a non-empty folder: somebody published first
+    except OSError:
+        if not (out / "model_index.json").is_file():  # a partial folder left by an interrupted old build
+            shutil.rmtree(out, ignore_errors=True)
+            try:
+                os.replace(tmp, out)
+                return str(out)
+            except OSError:
+                pass
         shutil.rmtree(tmp, ignore_errors=True)
     return str(out)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from raydiff.models.tiny import save_on_any_rank
+
 PROJECTION_DIM = 16
 IMAGE_SIZE = 32
 _MARKER = ".complete"
@@ -98,7 +100,7 @@ def build_tiny_clip(out_dir: str | os.PathLike, seed: int = 0) -> str:
     )
     torch.manual_seed(seed)
     model = CLIPModel(config).eval()
-    model.save_pretrained(tmp)
+    save_on_any_rank(model, tmp)
     CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     ).save_pretrained(tmp)

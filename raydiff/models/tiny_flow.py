@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from raydiff.models.tiny import save_on_any_rank
+
 T5_DIM = 64  # tiny T5 d_model = the transformers' joint_attention_dim
 T5_MAX_LENGTH = 16
 
@@ -64,9 +66,9 @@ def build_sd3(tmp: Path, save_clip_tokenizer, clip_encoder, clip_vocab_size: int
 
     for i, sub in enumerate(["", "_2"]):
         save_clip_tokenizer(tmp / f"tokenizer{sub}", max_length)
-        clip_encoder(32, 32, clip_vocab_size, max_length, eos).save_pretrained(tmp / f"text_encoder{sub}")
+        save_on_any_rank(clip_encoder(32, 32, clip_vocab_size, max_length, eos), tmp / f"text_encoder{sub}")
     t5_vocab = save_t5_tokenizer(tmp / "tokenizer_3")
-    t5_encoder(t5_vocab).save_pretrained(tmp / "text_encoder_3")
+    save_on_any_rank(t5_encoder(t5_vocab), tmp / "text_encoder_3")
     SD3Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=T5_DIM, caption_projection_dim=16, pooled_projection_dim=64,
@@ -91,9 +93,9 @@ def build_flux(tmp: Path, save_clip_tokenizer, clip_encoder, clip_vocab_size: in
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
     save_clip_tokenizer(tmp / "tokenizer", max_length)
-    clip_encoder(32, None, clip_vocab_size, max_length, eos).save_pretrained(tmp / "text_encoder")
+    save_on_any_rank(clip_encoder(32, None, clip_vocab_size, max_length, eos), tmp / "text_encoder")
     t5_vocab = save_t5_tokenizer(tmp / "tokenizer_2")
-    t5_encoder(t5_vocab).save_pretrained(tmp / "text_encoder_2")
+    save_on_any_rank(t5_encoder(t5_vocab), tmp / "text_encoder_2")
     FluxTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=T5_DIM, pooled_projection_dim=32, guidance_embeds=True,
