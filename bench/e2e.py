@@ -15,8 +15,14 @@ in-process reward in the rollout worker. Equal thread budget: the baseline gets 
 threads; each raydiff role gets `--threads` too, and at staleness 0 the two roles never compute at
 the same time. Start-up is outside the timed part for both sides: epoch 0 is a warm-up and the
 time is from the end of epoch 0 to the end of the last epoch (raydiff: its metrics time stamps).
-Runs alternate (engine, single, single, engine, ...); min / median / max over repeats are printed.
-Last line: `RATIO e2e_vs_single_process X` (median engine samples/s / median single-process samples/s).
+Runs alternate (engine, single, engine_k1, engine_k1, single, engine, ...); min / median / max over repeats are printed.
+
+raydiff's learner scores `--timesteps-per-forward` K denoising steps per network call
+(`algorithm.timesteps_per_forward`; same gradient, K× the activations; default all steps on CPU,
+1 on GPU); the baseline, as ddpo-pytorch, makes one call per step. With K > 1 a third side,
+`engine_k1`, runs raydiff with its default 1, so the engine's own cost is shown apart from the lever:
+`RATIO e2e_vs_single_process_timesteps_per_forward_1 X` is printed before the last line,
+`RATIO e2e_vs_single_process X` (median engine samples/s / median single-process samples/s).
 """
 
 from __future__ import annotations
@@ -208,6 +214,9 @@ def main(argv=None) -> dict:
     p.add_argument("--epochs", type=int, default=4, help="epochs per run; epoch 0 is the untimed warm-up")
     p.add_argument("--repeats", type=int, default=3, help="runs per side, interleaved")
     p.add_argument("--threads", type=int, default=1, help="torch threads: the baseline's, and each raydiff role's")
+    p.add_argument("--timesteps-per-forward", type=int, default=None,
+                   help="raydiff's algorithm.timesteps_per_forward (default: all steps on CPU, 1 on GPU); "
+                        "with K > 1 a third side runs raydiff with its default 1")
     p.add_argument("--device", default="cpu")
     p.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for both sides")
     p.add_argument("--json", action="store_true", help="also print the result as one `JSON {...}` line (bench/gpu/suite.py reads it)")
@@ -218,30 +227,40 @@ def main(argv=None) -> dict:
         p.error("--epochs must be ≥ 2 (epoch 0 is the warm-up)")
     model_path = sd15_folder() if args.sd15_shapes else args.model
     ovr = overrides(args, model_path)
+    per_call = args.timesteps_per_forward or (args.steps if args.device == "cpu" else 1)
+    sides = {"engine": run_engine, "single": run_single}  # the engine with algorithm.timesteps_per_forward=k
+    if per_call > 1:
+        sides["engine_k1"] = run_engine  # raydiff's defaults: one learner call per step, as the baseline
     import ray
 
     ray.init(address="local", num_cpus=max(4, 2 * args.threads), num_gpus=1 if args.device == "cuda" else 0,
              include_dashboard=False, log_to_driver=False)
-    engine, single = [], []
+    runs = {side: [] for side in sides}
     for rep in range(args.repeats):
-        order = ("engine", "single") if rep % 2 == 0 else ("single", "engine")
+        order = list(sides) if rep % 2 == 0 else list(sides)[::-1]
         for side in order:
-            r = run_engine(ovr) if side == "engine" else run_single(ovr)
-            (engine if side == "engine" else single).append(r)
+            r = sides[side]([*ovr, f"algorithm.timesteps_per_forward={per_call if side == 'engine' else 1}"])
+            runs[side].append(r)
             extra = "  " + " ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in r["phases"].items()) if "phases" in r else ""
-            print(f"  run {side:6s} rep={rep}: {r['samples_per_s']:.3f} samples/s (timed {r['wall']:.1f} s){extra}", flush=True)
+            print(f"  run {side:9s} rep={rep}: {r['samples_per_s']:.3f} samples/s (timed {r['wall']:.1f} s){extra}", flush=True)
     ray.shutdown()
-    e = [r["samples_per_s"] for r in engine]
-    s = [r["samples_per_s"] for r in single]
+    engine, single = runs["engine"], runs["single"]
+    rate = {side: [r["samples_per_s"] for r in rs] for side, rs in runs.items()}
+    e, s = rate["engine"], rate["single"]
     ratio = statistics.median(e) / statistics.median(s)
     paired = [x / y for x, y in zip(e, s)]
     result = {
         "machine": machine(), "model": model_path, "device": args.device, "steps": args.steps, "batch": args.batch,
         "batches_per_epoch": args.batches_per_epoch, "timed_epochs": args.epochs - 1, "threads": args.threads,
-        "engine_samples_per_s": spread(e), "single_process_samples_per_s": spread(s),
+        "timesteps_per_forward": per_call, "engine_samples_per_s": spread(e), "single_process_samples_per_s": spread(s),
         "paired_ratios": spread(paired), "final_reward_engine": round(engine[0]["reward"][-1], 4),
         "final_reward_single": round(single[0]["reward"][-1], 4),
     }
+    if "engine_k1" in runs:
+        result["engine_k1_samples_per_s"] = spread(rate["engine_k1"])
+        result["paired_ratios_k1"] = spread([x / y for x, y in zip(rate["engine_k1"], s)])
+        result["ratio_k1"] = round(statistics.median(rate["engine_k1"]) / statistics.median(s), 4)
+        result["final_reward_engine_k1"] = round(runs["engine_k1"][0]["reward"][-1], 4)
     for k, v in result.items():
         print(f"  {k}: {v}")
     if args.plot:
@@ -257,6 +276,8 @@ def main(argv=None) -> dict:
         import json
 
         print("JSON " + json.dumps({**result, "ratio": round(ratio, 4)}, default=str))
+    if "ratio_k1" in result:
+        print(f"RATIO e2e_vs_single_process_timesteps_per_forward_1 {result['ratio_k1']:.3f}")
     print(f"RATIO e2e_vs_single_process {ratio:.3f}")
     return {**result, "ratio": ratio}
 

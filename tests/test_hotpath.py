@@ -46,3 +46,53 @@ def test_step_averager_reads_device_scalars_once_and_matches_floats():
         expected = max(vals) if k.endswith("max_dev") else sum(v / 3 for v in vals)
         assert abs(out[k] - expected) < 1e-6, k
     assert abs(out["count"] - 1.0) < 1e-6
+
+
+class GradOnly:
+    """The stepper contract without the step: backward(loss / accumulation), gradients kept for the test."""
+
+    def __init__(self):
+        self.n = 1
+
+    def set_accumulation(self, n):
+        self.n = n
+
+    def backward(self, loss, groups=None):
+        (loss / self.n).backward()
+        return False
+
+
+def test_timesteps_per_forward_batches_steps_into_one_call_with_the_same_gradient(tiny_sd):
+    """algorithm.timesteps_per_forward=k scores k steps per UNet call; the update's gradient equals one call per step."""
+    from raydiff.config import load_config
+    from raydiff.engine.learners.learner import Learner
+    from raydiff.engine.rollouts.worker import RolloutWorker
+
+    grads, calls = {}, {}
+    for k in (1, 2, 4):  # 4 steps: chunks of 1, 2 and all
+        cfg = load_config("configs/tiny_ddpo.yaml", [f"model.path={tiny_sd}", "sampling.num_steps=4", "sampling.batch_size=3",
+                                                      "learner.engine=torch", "learner.num_workers=1", "rollout.num_workers=1",
+                                                      "algorithm.per_prompt_stat_tracking=false", f"algorithm.timesteps_per_forward={k}"])
+        learner = Learner(cfg)
+        worker = RolloutWorker(cfg, needs=learner.algorithm.needs)
+        worker.set_weights(learner.publish())
+        batch = learner.algorithm.prepare(worker.generate(["a cat", "a dog", "a red bird"], 7))
+        params = [p for p in learner.model.unet.parameters() if p.requires_grad]
+        for stale in (0, 1):  # fresh: the stored log-probs; stale: the per-element decoupled objective
+            b = batch.index(torch.arange(len(batch)))
+            b.staleness, b.max_staleness = torch.full((len(b),), stale), stale
+            b = learner.algorithm.prepare_batch(learner.policy, b)
+            n_calls = []
+            hook = learner.model.unet.register_forward_hook(lambda *a: n_calls.append(1))
+            stepper = GradOnly()
+            stepper.set_accumulation(learner.algorithm.micro_steps_per_update(b))
+            learner.algorithm.train_step(learner.policy, stepper, b, torch.Generator().manual_seed(0))
+            hook.remove()
+            grads[k, stale], calls[k, stale] = torch.cat([p.grad.flatten() for p in params]), len(n_calls)
+            for p in params:
+                p.grad = None
+    assert calls == {(1, 0): 4, (2, 0): 2, (4, 0): 1, (1, 1): 4, (2, 1): 2, (4, 1): 1}
+    for stale in (0, 1):
+        assert grads[1, stale].norm() > 0
+        for k in (2, 4):  # equal up to the float summation order of bigger batches
+            assert (grads[k, stale] - grads[1, stale]).norm() / grads[1, stale].norm() < 1e-5

@@ -126,3 +126,12 @@ def test_docs_show_the_current_plan_of_dag_sdxl():
         main(["plan", DAG_SDXL])
     doc = (ROOT / "docs" / "memory.md").read_text()
     assert out.getvalue().strip() in doc, "docs/memory.md is stale: paste the output of `raydiff plan configs/dag_sdxl.yaml`"
+
+
+def test_timesteps_per_forward_scales_the_learner_activation_phase():
+    """k steps per learner call: k× the rows of the UNet forward+backward peak (the knob's memory price)."""
+    ddpo = str(ROOT / "configs" / "ddpo_sd15.yaml")
+    one, four = (next(ph for ph in plan(load_config(ddpo, [f"algorithm.timesteps_per_forward={k}"]))[1].phases
+                      if ph.name.startswith("UNet forward+backward")) for k in (1, 4))
+    assert "8 rows per trajectory" in four.name and "2 rows per trajectory" in one.name
+    assert four.per_unit > 3.5 * one.per_unit

@@ -57,6 +57,7 @@ class Config(AsyncAlgorithmConfig):
     stale_objective: Literal["per_element", "per_sample"] = Field("per_element", description="Decoupled PPO for stale samples: per latent element (ratio, weight and clip per element, then the mean; needs the rollout's step noise) or per sample (geometric-mean ratio and weight).")
     stale_clip_range: float = Field(0.2, gt=0, description="PPO clip ε on the per-element ratios of stale samples (stale_objective=per_element); per-element ratios move far more than geometric means.")
     is_baseline: bool = Field(False, description="For stale batches, centre the advantages per step under the importance weights (Σ w·A' = 0 over the batch, all ranks).")
+    timesteps_per_forward: int = Field(1, ge=1, description="Trained denoising steps of a minibatch scored in one learner forward/backward (k·N rows): fewer, larger calls, k× the activation memory; same gradient.")
 
 
 class PerPromptStats:
@@ -108,7 +109,8 @@ class DDPO(Algorithm):
         return Needs(mode="async", keep_noise=self.config.stale_objective == "per_element")
 
     def micro_steps_per_update(self, minibatch: Trajectory) -> int:
-        return self.trained_steps(minibatch.log_probs.shape[1])
+        """Backward calls per optimiser step: one per chunk of `timesteps_per_forward` trained steps."""
+        return -(-self.trained_steps(minibatch.log_probs.shape[1]) // self.config.timesteps_per_forward)
 
     def prepare(self, batch: Trajectory) -> Trajectory:
         if self.config.per_prompt_stat_tracking:
@@ -178,33 +180,40 @@ class DDPO(Algorithm):
         centred = batch.extras.get(ADV_KEY)  # (N, T): stale batch with the importance-weighted baseline
         centred = centred.to(dev) if centred is not None else None
         per_element = PROX_ELEM_KEY in batch.extras or (current is not None and self.config.stale_objective == "per_element")
-        for j in steps:
-            adv_j = centred[:, j] if centred is not None else adv
-            if per_element:
-                loss, stats = self._per_element_loss(policy, batch, j, adv_j, weights, current)
-            else:
-                log_prob = policy.log_prob(batch, j)
-                prox_j = prox[:, j]
-                if current is not None:
-                    prox_j = torch.where(current.to(dev), log_prob.detach().float(), prox_j.float())
-                loss, stats = decoupled_ppo_loss(log_prob, prox_j, behaviour[:, j], adv_j,
-                                                 self.config.clip_range, self.config.is_clip, weights, self.config.is_mode)
-            optimizer.backward(loss)
-            if centred is not None:
-                stats["is_baseline"] = (adv - adv_j).mean()
-            avg.add({"loss": loss.detach(), **stats})
+        k = self.config.timesteps_per_forward
+        chunks = [steps[i:i + k] for i in range(0, len(steps), k)]
+        for chunk in chunks:
+            losses = []
+            for j, out in zip(chunk, policy.steps(batch, chunk)):
+                adv_j = centred[:, j] if centred is not None else adv
+                if per_element:
+                    loss, stats = self._per_element_loss(policy, batch, j, adv_j, weights, current, out)
+                else:
+                    log_prob = out.log_prob
+                    prox_j = prox[:, j]
+                    if current is not None:
+                        prox_j = torch.where(current.to(dev), log_prob.detach().float(), prox_j.float())
+                    loss, stats = decoupled_ppo_loss(log_prob, prox_j, behaviour[:, j], adv_j,
+                                                     self.config.clip_range, self.config.is_clip, weights, self.config.is_mode)
+                if centred is not None:
+                    stats["is_baseline"] = (adv - adv_j).mean()
+                avg.add({"loss": loss.detach(), **stats})
+                losses.append(loss)
+            # The stepper divides by len(chunks) backward calls; the update stays Σ_j L_j / len(steps).
+            optimizer.backward(losses[0] if len(chunks) == len(steps) else torch.stack(losses).sum() * (len(chunks) / len(steps)))
         return avg.result()  # the one host sync of this minibatch
 
-    def _per_element_loss(self, policy, batch: Trajectory, j: int, adv, weights, current=None):
+    def _per_element_loss(self, policy, batch: Trajectory, j: int, adv, weights, current=None, out=None):
         """Step j of a stale batch: fresh samples per sample (stored log-probs), stale ones per element.
 
         Stale sample i: mean over elements d of w_d · max(−A ρ_d, −A clip(ρ_d, 1 ± ε')), with
         ρ_d = π_θ,d / π_prox,d, w_d = min(π_prox,d / π_b,d, c̄), ε' = `stale_clip_range`. Statistics
         are over the stale samples' elements when the minibatch has any. `current` (the first minibatch
         of a deferred stale batch): π_prox is θ itself, so its densities are this forward's, detached.
+        `out`: step j's StepOutput when scored already (`Policy.steps`).
         """
         dev = policy.device
-        lp_d, std = policy.element_log_prob(batch, j)
+        lp_d, std = policy.element_log_prob(batch, j, out)
         n = lp_d.shape[0]
         lp_d = lp_d.reshape(n, -1)
         log_prob = lp_d.mean(dim=1)

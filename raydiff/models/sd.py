@@ -82,6 +82,8 @@ class SDFamily:
         cfg = guidance_scale > 1.0
         x_in = torch.cat([x, x]) if cfg else x
         embeds = torch.cat([cond.neg_embeds, cond.embeds]) if cfg else cond.embeds
+        if cfg and torch.is_tensor(t) and t.numel() > 1:  # one timestep per row (Policy.steps): both branches
+            t = torch.cat([t, t])
         with autocast_for(model):
             out = unet(x_in, t, encoder_hidden_states=embeds, added_cond_kwargs=self._added_cond(cond, cfg), return_dict=False)[0]
         if not cfg:

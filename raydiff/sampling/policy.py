@@ -13,7 +13,7 @@ import torch
 from raydiff.sampling.sampler import predict_noise
 from raydiff.sampling.steps.ddim import StepOutput, ddim_step, gaussian_log_density
 from raydiff.sampling.steps.flow_sde import flow_sde_step
-from raydiff.types import Trajectory
+from raydiff.types import Conditioning, Trajectory
 
 
 class Policy:
@@ -71,11 +71,33 @@ class Policy:
             return flow_sde_step(m.scheduler, out, j, x_t, self.noise_levels(batch, j).to(self.device), prev_sample=x_prev), out
         return ddim_step(m.scheduler, out, steps_host[j], x_t, batch.eta, prev_sample=x_prev), out
 
+    def steps(self, batch: Trajectory, js: list[int]) -> list[StepOutput]:
+        """Score the stored transitions `js` with one network call (their k·N rows batched), one StepOutput each.
+
+        Fewer, larger forward/backward passes: on CPU and on a GPU with memory to spare the per-call
+        overhead and small GEMMs dominate a small model. The step maths per transition are `step`'s;
+        the network sees each row's own timestep, so only the batching (float summation order) differs.
+        Flow steps are scored one call each.
+        """
+        if len(js) == 1 or self.step_kind != "ddim":
+            return [self.step(batch, j)[0] for j in js]
+        self._schedule(batch.num_steps)
+        latents, cond, steps, steps_host = self.on_device(batch)
+        n = latents.shape[0]
+        idx = torch.tensor(js, device=latents.device)
+        x_t = latents[:, idx].transpose(0, 1).flatten(0, 1)  # (k·N, C, h, w), step-major
+        eps = predict_noise(self.model, x_t, steps[idx].repeat_interleave(n), Conditioning.cat([cond] * len(js)),
+                            batch.guidance_scale)
+        return [ddim_step(self.model.scheduler, e, steps_host[j], latents[:, j], batch.eta, prev_sample=latents[:, j + 1])
+                for j, e in zip(js, eps.split(n))]
+
     def log_prob(self, batch: Trajectory, j: int) -> torch.Tensor:
         return self.step(batch, j)[0].log_prob
 
-    def element_log_prob(self, batch: Trajectory, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-element log-density of transition j (N, C, h, w), float32, and the step's σ (scalar, or (N,1,1,1) for flow)."""
-        out = self.step(batch, j)[0]
+    def element_log_prob(self, batch: Trajectory, j: int, out: StepOutput | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-element log-density of transition j (N, C, h, w), float32, and the step's σ (scalar, or (N,1,1,1) for flow).
+
+        `out`: transition j's StepOutput when already computed (`steps`)."""
+        out = out if out is not None else self.step(batch, j)[0]
         x_prev = self.on_device(batch)[0][:, j + 1]
         return gaussian_log_density(x_prev, out.mean, out.std), out.std.float()

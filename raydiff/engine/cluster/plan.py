@@ -284,8 +284,9 @@ def estimate_learner(cfg, needs) -> RoleEstimate:
     ckpt = cfg.model.gradient_checkpointing
     tag = "gradient checkpointing" if ckpt else "no gradient checkpointing"
     if needs is None or needs.mode == "async":
-        f, p = _linear(lambda n: unet_peak(folder, dtype, n * rows, latent, True, ckpt))
-        est.phases.append(Phase(f"UNet forward+backward ({tag}, {rows} rows per trajectory)", f, p,
+        k = getattr(cfg.algorithm, "timesteps_per_forward", 1)  # steps scored per call: k× the rows
+        f, p = _linear(lambda n: unet_peak(folder, dtype, n * rows * k, latent, True, ckpt))
+        est.phases.append(Phase(f"UNet forward+backward ({tag}, {rows * k} rows per trajectory)", f, p,
                                 getattr(cfg.algorithm, "train_batch_size", 1), "algorithm.train_batch_size"))
     else:
         B = cfg.sampling.batch_size
