@@ -92,6 +92,10 @@ class Trajectory:
     def index(self, idx) -> "Trajectory":
         """Select samples (tensor/list index) keeping per-batch fields."""
         idx_t = torch.as_tensor(idx)
+        if idx_t.dtype == torch.bool:  # a mask: the prompt list needs positions
+            idx_t = idx_t.nonzero().flatten()
+        elif idx_t.numel() == 0:  # [] becomes a float tensor, which cannot index
+            idx_t = idx_t.long()
         idx_np = idx_t.numpy()
         pick = lambda v: None if v is None else (v[idx_t] if isinstance(v, torch.Tensor) else v[idx_np])
         return replace(

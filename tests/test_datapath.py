@@ -71,6 +71,15 @@ def test_shard_from_pieces_equals_driver_side_shard(sizes, world):
         assert got.latents.dtype == torch.bfloat16  # the sampling dtype all the way
 
 
+def test_empty_and_mask_indices_select_samples():
+    """An empty index gives an empty batch (a rank with no samples), a bool mask selects as a mask."""
+    t = _trajectory(4, 0)
+    empty = t.index([])
+    assert len(empty) == 0 and empty.latents.shape[0] == 0 and empty.cond.embeds.shape[0] == 0 and empty.rewards.shape == (0,)
+    picked = t.index(torch.tensor([True, False, False, True]))
+    assert picked.prompts == [t.prompts[0], t.prompts[3]] and torch.equal(picked.log_probs, t.log_probs[[0, 3]])
+
+
 def test_metadata_carries_no_trajectory_tensors():
     t = _trajectory(8, 0, T=10)
     meta, images, *pieces = split_trajectory(t, 0, 2)

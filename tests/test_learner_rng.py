@@ -40,3 +40,15 @@ def test_checkpoint_with_only_the_learner_stream_still_loads(tiny_sd):
     old = torch.Generator().manual_seed(7)
     learner.set_rng_state(old.get_state())
     assert torch.equal(torch.randperm(16, generator=learner.rng), torch.randperm(16, generator=old))
+
+
+def test_ranks_draw_their_own_dropout_masks_from_identical_weights(tiny_sd):
+    """Learner ranks start from identical LoRA weights but do not share dropout masks (rank 0's stream as alone)."""
+    cfg = load_config("configs/tiny_ddpo.yaml", [f"model.path={tiny_sd}", "model.lora.dropout=0.1"])
+    draws, weights = [], []
+    for rank in (0, 1, 0):
+        learner = Learner(cfg, rank=rank, world_size=2)
+        weights.append(learner.publish()["checksum"])
+        draws.append(F.dropout(torch.ones(256), 0.5, training=True))
+    assert weights[0] == weights[1] == weights[2]
+    assert torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[1])

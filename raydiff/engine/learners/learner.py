@@ -44,6 +44,8 @@ class Learner:
         ]
         factory = stepper_factory or (lambda groups, cfg_l, acc: TorchStepper(groups, cfg_l, acc))
         self.stepper = factory(groups, cfg.learner, 1)
+        if rank:  # after the identical init: each rank its own dropout masks / training noise (rank 0's stream unchanged)
+            torch.manual_seed(cfg.train.seed * 1000003 + rank)
         self.version = 0
         self.rng = torch.Generator().manual_seed(cfg.train.seed * 1009 + rank)
 
