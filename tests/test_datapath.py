@@ -215,6 +215,7 @@ def test_run_moves_tensors_past_the_driver_and_resamples_a_lost_batch(ray_cluste
     rows, lost_weights, cfg = run("lost", lose=True, record_tensors=False)
     assert [r["step"] for r in rows] == [0, 1, 2] and all(r["data/samples_per_epoch"] == 8 for r in rows)
     assert rows[0]["policy/reissued_batches"] == 0 and rows[1]["policy/reissued_batches"] == 1
+    assert rows[-1]["policy/staleness_hist_0"] == 6  # 3 epochs x 2 batches trained: the lost one is not counted twice
     for r in rows:
         assert r["data/bytes_to_learners"] > 0
         if r["step"] == 1:  # no grid: metadata only

@@ -38,3 +38,9 @@ class StalenessGate:
         w = self.stale_weight ** (staleness - self.max_staleness)
         batch.weights = torch.full((len(batch),), w, dtype=torch.float32)
         return batch
+
+    def retract(self, batch: Trajectory) -> None:
+        """`batch` was admitted, then lost before training (its tensors): it leaves the histogram; its replacement is admitted anew."""
+        self.histogram[batch.max_staleness] -= 1
+        if not self.histogram[batch.max_staleness]:
+            del self.histogram[batch.max_staleness]

@@ -191,6 +191,7 @@ class Trainer:
                 self.algorithm.load_state_dict(copy.deepcopy(state))
                 for i in lost.batches:
                     # regenerate counts it in policy/reissued_batches
+                    self.gate.retract(batches[i].meta)
                     batches[i] = self._admit(plan.requests[i], plan.group_ids[i], self.rollouts.regenerate(plan.requests[i], batches[i].offset), version)
         raise AssertionError("unreachable")
 
