@@ -21,7 +21,7 @@ from raydiff.models.lora import state_checksum
 
 
 def main(out: str, engine: str) -> None:
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     world = 2 if engine == "deepspeed" else 1
     cfg = load_config("configs/tiny_ddpo.yaml", [
         f"output.run_dir={out}", "output.progress=false", f"learner.engine={engine}", f"learner.num_workers={world}",

@@ -46,7 +46,7 @@ def main(argv=None) -> list[dict]:
     args = p.parse_args(argv)
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     results = [run(args.config, args.epochs, overlap, args.overrides) for overlap in (False, True)]
     print(f"machine: {machine()}")
     for r in results:
