@@ -184,12 +184,12 @@ class DDPO(Algorithm):
         chunks = [steps[i:i + k] for i in range(0, len(steps), k)]
         for chunk in chunks:
             losses = []
-            for j, out in zip(chunk, policy.steps(batch, chunk)):
+            for j, out in zip(chunk, policy.steps(batch, chunk) if len(chunk) > 1 else [None]):  # None: score j alone
                 adv_j = centred[:, j] if centred is not None else adv
                 if per_element:
                     loss, stats = self._per_element_loss(policy, batch, j, adv_j, weights, current, out)
                 else:
-                    log_prob = out.log_prob
+                    log_prob = out.log_prob if out is not None else policy.log_prob(batch, j)
                     prox_j = prox[:, j]
                     if current is not None:
                         prox_j = torch.where(current.to(dev), log_prob.detach().float(), prox_j.float())
@@ -213,7 +213,7 @@ class DDPO(Algorithm):
         `out`: step j's StepOutput when scored already (`Policy.steps`).
         """
         dev = policy.device
-        lp_d, std = policy.element_log_prob(batch, j, out)
+        lp_d, std = policy.element_log_prob(batch, j, out) if out is not None else policy.element_log_prob(batch, j)
         n = lp_d.shape[0]
         lp_d = lp_d.reshape(n, -1)
         log_prob = lp_d.mean(dim=1)
