@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
               "reward.backend=serve", "output.checkpoint_every=0", *args.extra]
     if args.resolution:
         common.append(f"model.resolution={args.resolution}")
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
     cfg = load_config(args.config, common)
     ensure_reward_service(cfg.reward.components, cfg.reward.serve_app)  # deployed once, before any run
     runs: dict[int, list[dict]] = {0: [], S: []}
