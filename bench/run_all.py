@@ -24,7 +24,7 @@ from _common import machine  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 KEEP = "<!-- hand-written below: kept by bench/run_all.py -->"
 BENCHES = {  # name: (argv, quick argv (CI smoke: tiny sizes, one repeat), what the ratio means, goal)
-    "e2e": (["bench/e2e.py", "--epochs", "4", "--repeats", "3", "--threads", "1", "--plot", "docs/e2e_reward_vs_wallclock.png"],
+    "e2e": (["bench/e2e.py", "--epochs", "5", "--repeats", "3", "--threads", "1", "--plot", "docs/e2e_reward_vs_wallclock.png"],
             ["bench/e2e.py", "--epochs", "2", "--repeats", "1", "--steps", "2", "--batch", "2", "--batches-per-epoch", "1", "--threads", "1"],
             "end-to-end DDPO samples/s (rollout + reward + learn), raydiff on local Ray / single-process loop, equal threads", "≥ 1.0"),
     "rollout_vs_diffusers": (["bench/rollout_vs_diffusers.py", "--steps", "6", "--batch", "4", "--threads", "1"],
