@@ -1,5 +1,6 @@
 """Hot-path levers: trajectories in the sampling dtype (re-scored exactly), learner metrics without per-step syncs."""
 
+import pytest
 import torch
 
 from raydiff.config import ModelSection
@@ -62,8 +63,11 @@ class GradOnly:
         return False
 
 
-def test_timesteps_per_forward_batches_steps_into_one_call_with_the_same_gradient(tiny_sd):
-    """algorithm.timesteps_per_forward=k scores k steps per UNet call; the update's gradient equals one call per step."""
+@pytest.mark.parametrize("family", ["tiny_sd", "tiny_sdxl"])
+def test_timesteps_per_forward_batches_steps_into_one_call_with_the_same_gradient(family, request):
+    """algorithm.timesteps_per_forward=k scores k steps per UNet call; the update's gradient equals one call per step
+    (SDXL: the pooled embeddings and time ids are repeated with the rows)."""
+    tiny_sd = request.getfixturevalue(family)
     from raydiff.config import load_config
     from raydiff.engine.learners.learner import Learner
     from raydiff.engine.rollouts.worker import RolloutWorker
@@ -95,4 +99,4 @@ def test_timesteps_per_forward_batches_steps_into_one_call_with_the_same_gradien
     for stale in (0, 1):
         assert grads[1, stale].norm() > 0
         for k in (2, 4):  # equal up to the float summation order of bigger batches
-            assert (grads[k, stale] - grads[1, stale]).norm() / grads[1, stale].norm() < 1e-5
+            assert (grads[k, stale] - grads[1, stale]).norm() / grads[1, stale].norm() < 1e-4
