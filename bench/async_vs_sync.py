@@ -125,8 +125,12 @@ def main(argv=None) -> dict:
     tt_sync, tt_async = [time_to(r, target) for r in sync], [time_to(r, target) for r in asyn]
     med = statistics.median
     ratio_updates = med(upd_sync) / med(upd_async)
-    # unreached by async: 0; unreached by sync (its runs differ and one stays below their mean): nan, not inf
-    ratio_reward = (med(tt_sync) / med(tt_async) if math.isfinite(med(tt_async)) else 0.0) if math.isfinite(med(tt_sync)) else math.nan
+    if not math.isfinite(med(tt_sync)):  # sync's runs differ and one stays below their mean: nan, not inf
+        ratio_reward = math.nan
+    elif not math.isfinite(med(tt_async)):  # async never reaches the target
+        ratio_reward = 0.0
+    else:
+        ratio_reward = med(tt_sync) / med(tt_async)
     v_sync, v_async = by_version(sync[0]), by_version(asyn[0])
     versions = [v for v in range(E) if v in v_async]
     series = {}

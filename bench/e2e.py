@@ -246,21 +246,25 @@ def main(argv=None) -> dict:
     ray.shutdown()
     engine, single = runs["engine"], runs["single"]
     rate = {side: [r["samples_per_s"] for r in rs] for side, rs in runs.items()}
-    e, s = rate["engine"], rate["single"]
-    ratio = statistics.median(e) / statistics.median(s)
-    paired = [x / y for x, y in zip(e, s)]
+    s = rate["single"]
+
+    def against_single(side: str) -> tuple[str, str, float]:
+        """(samples/s spread, paired-ratio spread, ratio of medians) of an engine side against the baseline."""
+        xs = rate[side]
+        return spread(xs), spread([x / y for x, y in zip(xs, s)]), statistics.median(xs) / statistics.median(s)
+
+    e_spread, paired, ratio = against_single("engine")
     result = {
         "machine": machine(), "model": model_path, "device": args.device, "steps": args.steps, "batch": args.batch,
         "batches_per_epoch": args.batches_per_epoch, "timed_epochs": args.epochs - 1, "threads": args.threads,
-        "timesteps_per_forward": per_call, "engine_samples_per_s": spread(e), "single_process_samples_per_s": spread(s),
-        "paired_ratios": spread(paired), "final_reward_engine": round(engine[0]["reward"][-1], 4),
+        "timesteps_per_forward": per_call, "engine_samples_per_s": e_spread, "single_process_samples_per_s": spread(s),
+        "paired_ratios": paired, "final_reward_engine": round(engine[0]["reward"][-1], 4),
         "final_reward_single": round(single[0]["reward"][-1], 4),
     }
     if "engine_k1" in runs:
-        result["engine_k1_samples_per_s"] = spread(rate["engine_k1"])
-        result["paired_ratios_k1"] = spread([x / y for x, y in zip(rate["engine_k1"], s)])
-        result["ratio_k1"] = round(statistics.median(rate["engine_k1"]) / statistics.median(s), 4)
-        result["final_reward_engine_k1"] = round(runs["engine_k1"][0]["reward"][-1], 4)
+        k1_spread, k1_paired, k1_ratio = against_single("engine_k1")
+        result.update(engine_k1_samples_per_s=k1_spread, paired_ratios_k1=k1_paired, ratio_k1=round(k1_ratio, 4),
+                      final_reward_engine_k1=round(runs["engine_k1"][0]["reward"][-1], 4))
     for k, v in result.items():
         print(f"  {k}: {v}")
     if args.plot:

@@ -82,13 +82,13 @@ class Policy:
         if len(js) == 1 or self.step_kind != "ddim":
             return [self.step(batch, j)[0] for j in js]
         self._schedule(batch.num_steps)
-        latents, cond, steps, steps_host = self.on_device(batch)
+        latents, cond, timesteps, timesteps_host = self.on_device(batch)
         n = latents.shape[0]
         idx = torch.tensor(js, device=latents.device)
         x_t = latents[:, idx].transpose(0, 1).flatten(0, 1)  # (k·N, C, h, w), step-major
-        eps = predict_noise(self.model, x_t, steps[idx].repeat_interleave(n), Conditioning.cat([cond] * len(js)),
+        eps = predict_noise(self.model, x_t, timesteps[idx].repeat_interleave(n), Conditioning.cat([cond] * len(js)),
                             batch.guidance_scale)
-        return [ddim_step(self.model.scheduler, e, steps_host[j], latents[:, j], batch.eta, prev_sample=latents[:, j + 1])
+        return [ddim_step(self.model.scheduler, e, timesteps_host[j], latents[:, j], batch.eta, prev_sample=latents[:, j + 1])
                 for j, e in zip(js, eps.split(n))]
 
     def log_prob(self, batch: Trajectory, j: int) -> torch.Tensor:
