@@ -299,8 +299,13 @@ def test_killed_replica_is_replaced_without_failed_requests(svc):
     before = len(done)
     ray.kill(ray.get_actor(replicas[0]["name"], namespace="serve"), no_restart=True)
     deadline = time.time() + 180
-    time.sleep(2.0)
-    while time.time() < deadline and _running_replicas(svc.app_name, "reward_brightness") < 2:
+
+    def replaced() -> bool:  # Serve has seen the death (the old name is gone) and runs 2 again; right after the
+        # kill serve.status() can still count the dead replica as RUNNING, so the count alone ends the wait too early
+        names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == "serve"}
+        return replicas[0]["name"] not in names and _running_replicas(svc.app_name, "reward_brightness") == 2
+
+    while time.time() < deadline and not replaced():
         time.sleep(0.5)
     time.sleep(1.0)
     stop.set()
